@@ -1,0 +1,3 @@
+"""tests/test_reads.py on Redis + PostgreSQL."""
+
+from tests.test_reads import *  # noqa: F403

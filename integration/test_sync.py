@@ -1,0 +1,3 @@
+"""tests/test_sync.py on Redis + PostgreSQL."""
+
+from tests.test_sync import *  # noqa: F403

@@ -1,0 +1,559 @@
+"""Statement analysis: what a SELECT is (op, model), what it reads, and whether it may be cached.
+
+Everything here depends only on the statement's shape, so it is computed once per SQLAlchemy
+`CacheKey` structure and dialect and memoised as a `Plan`; the hit path only reads the plan.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Table, inspect
+from sqlalchemy.engine import Dialect
+from sqlalchemy.engine.result import SimpleResultMetaData
+from sqlalchemy.orm import Mapper, RelationshipProperty
+from sqlalchemy.orm.mapper import _mapper_registries
+from sqlalchemy.sql import operators, visitors
+from sqlalchemy.sql.elements import (
+    BinaryExpression,
+    BindParameter,
+    BooleanClauseList,
+    Label,
+    TextClause,
+)
+from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.sql.selectable import CompoundSelect, Exists, Select, TextualSelect
+
+from .keys import UnstableValue, canonical, digest
+
+EAGER_STRATEGIES = frozenset({"selectin", "joined", "subquery", "immediate"})
+
+
+# -- the plan ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResultShape:
+    """What the ORM's result object looks like, so a hit can build the same one without SQL."""
+
+    metadata: SimpleResultMetaData
+    single_entity: bool
+    filtered: bool
+    requires_unique: bool
+
+
+@dataclass(frozen=True)
+class PkParam:
+    """Where to find one primary-key value of a `get` statement among its parameters."""
+
+    key: str
+    index: int
+    python_type: type | None
+
+
+@dataclass
+class Plan:
+    """Everything known about a statement shape."""
+
+    bypass: str | None  # a reason when the shape can never be cached
+    op: str = "fetch"
+    model: Mapper[Any] | None = None
+    tables: tuple[Table, ...] = ()
+    row_tables: tuple[Table, ...] = ()  # get: the tables a row of the entity lives in
+    pk_params: tuple[PkParam, ...] = ()
+    sql_digest: str = ""
+    shape: ResultShape | None = None
+    #: Mappers whose instances may appear in a result (the thaw refuses any other class).
+    mappers: frozenset[Mapper[Any]] = frozenset()
+    _table_set: frozenset[Table] = field(default=frozenset(), repr=False)
+    #: the mappers by dotted class name, as payloads name them
+    mappers_by_name: dict[str, Mapper[Any]] = field(default_factory=dict, repr=False)
+    #: per (database, schema map): the key names this plan reads (see hooks.KeySet)
+    keysets: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._table_set = frozenset(self.tables)
+        self.mappers_by_name = {
+            f"{m.class_.__module__}.{m.class_.__qualname__}": m for m in self.mappers
+        }
+
+    @property
+    def table_set(self) -> frozenset[Table]:
+        return self._table_set
+
+    @property
+    def other_tables(self) -> tuple[Table, ...]:
+        """Tables a `get` reads besides its own row (eager loads)."""
+        rows = set(self.row_tables)
+        return tuple(t for t in self.tables if t not in rows)
+
+    def with_more(self, tables: Iterable[Table], mappers: Iterable[Mapper[Any]]) -> Plan:
+        """A copy that also depends on `tables` (learned from a result); see `snapshot`."""
+        merged = tuple(dict.fromkeys((*self.tables, *tables)))
+        return Plan(
+            bypass=self.bypass,
+            op=self.op,
+            model=self.model,
+            tables=merged,
+            row_tables=self.row_tables,
+            pk_params=self.pk_params,
+            sql_digest=self.sql_digest,
+            shape=self.shape,
+            mappers=self.mappers | frozenset(mappers),
+        )
+
+
+def uncacheable(reason: str) -> Plan:
+    return Plan(bypass=reason)
+
+
+# -- memo ----------------------------------------------------------------------------------------
+
+
+class PlanCache:
+    """An LRU of plans keyed by the statement's cache-key structure, per dialect."""
+
+    def __init__(self, dialect: Dialect, volatile: frozenset[str], size: int = 2000) -> None:
+        self.dialect = dialect
+        self.volatile = volatile
+        self._size = size
+        self._plans: OrderedDict[Any, Plan] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Plan | None:
+        return self._plans.get(key)
+
+    def put(self, key: Any, plan: Plan) -> None:
+        with self._lock:
+            self._plans[key] = plan
+            if len(self._plans) > self._size:
+                self._plans.popitem(last=False)
+
+    def plan_for(self, statement: Any, cache_key: Any) -> Plan:
+        plan = self._plans.get(cache_key.key)
+        if plan is None:
+            plan = analyse(statement, cache_key, self.dialect, self.volatile)
+            self.put(cache_key.key, plan)
+        return plan
+
+    def clear(self) -> None:
+        with self._lock:
+            self._plans.clear()
+
+
+# -- analysis ------------------------------------------------------------------------------------
+
+
+def analyse(statement: Any, cache_key: Any, dialect: Dialect, volatile: frozenset[str]) -> Plan:
+    """Build the plan of one statement shape."""
+    if isinstance(statement, (TextClause, TextualSelect)) or _is_from_statement(statement):
+        return uncacheable("text")
+    if not isinstance(statement, (Select, CompoundSelect)):
+        return uncacheable("not_select")
+    entity_mappers = _entity_mappers(statement)
+    model = entity_mappers[0] if entity_mappers else mapper_for_table(_first_table(statement))
+    op = classify(statement, entity_mappers)
+
+    def bypass(reason: str) -> Plan:  # counted under the statement's model and op
+        return Plan(bypass=reason, op=op, model=model)
+
+    if model is None:
+        return uncacheable("unmapped")
+    if _for_update(statement):
+        return bypass("for_update")
+    try:
+        compiled = statement.compile(dialect=dialect)
+    except Exception:  # a statement the dialect cannot compile is not ours to cache
+        return bypass("uncompilable")
+    compile_state = getattr(compiled, "compile_state", None)
+    core = getattr(compile_state, "statement", None)
+    if core is None:
+        core = statement
+    reason = _scan(core, volatile)
+    if reason:
+        return bypass(reason)
+    if any(_scan_cte_dml(core)):
+        return bypass("dml_cte")
+    try:
+        options_text = describe_options(statement)
+    except UnstableValue:
+        return bypass("options")
+
+    read_tables = list(dict.fromkeys(_tables_in(core)))
+    eager_mappers, eager_tables = eager_dependencies(entity_mappers, statement)
+    tables = tuple(dict.fromkeys((*read_tables, *eager_tables)))
+    pk_params: tuple[PkParam, ...] = ()
+    row_tables: tuple[Table, ...] = ()
+    if op == "get":
+        assert isinstance(statement, Select)  # classify() says "get" only for a Select
+        found = _pk_params(statement, model, cache_key)
+        if found is None:
+            op = "fetch"
+        else:
+            pk_params = found
+            row_tables = _row_tables(model)
+            tables = tuple(dict.fromkeys((*row_tables, *tables)))
+
+    shape = result_shape(compiled, compile_state, statement)
+    if shape is None:
+        return bypass("result_shape")
+    mappers = frozenset(
+        m for base in (*entity_mappers, *eager_mappers) for m in base.self_and_descendants
+    )
+    return Plan(
+        bypass=None,
+        op=op,
+        model=model,
+        tables=tables,
+        row_tables=row_tables,
+        pk_params=pk_params,
+        sql_digest=digest(str(compiled), options_text),
+        shape=shape,
+        mappers=mappers,
+    )
+
+
+def _is_from_statement(statement: Any) -> bool:
+    return type(statement).__name__ == "FromStatement"
+
+
+def _for_update(statement: Any) -> bool:
+    if getattr(statement, "_for_update_arg", None) is not None:
+        return True
+    return any(
+        getattr(s, "_for_update_arg", None) is not None for s in getattr(statement, "selects", ())
+    )
+
+
+def _scan(core: Any, volatile: frozenset[str]) -> str | None:
+    """Reasons found anywhere in the statement: raw text fragments, volatile functions."""
+    for element in visitors.iterate(core):
+        if isinstance(element, TextClause):
+            return "text"
+        if isinstance(element, FunctionElement):
+            name = getattr(element, "name", "") or type(element).__name__
+            if str(name).lower() in volatile or type(element).__name__ == "next_value":
+                return "volatile_function"
+    return None
+
+
+def _scan_cte_dml(core: Any) -> Iterator[bool]:
+    from sqlalchemy.sql.dml import UpdateBase
+
+    for element in visitors.iterate(core):
+        if isinstance(element, UpdateBase):
+            yield True
+
+
+def _tables_in(core: Any) -> Iterator[Table]:
+    for element in visitors.iterate(core):
+        if isinstance(element, Table):
+            yield _plain(element)
+
+
+def _plain(table: Table) -> Table:
+    """The Table itself: ORM statements hold annotated copies that neither equal nor hash like it."""
+    return table._deannotate() if table._annotations else table
+
+
+def _first_table(statement: Any) -> Table | None:
+    """The first table reached walking the FROMs left to right, into joins, subqueries, EXISTS."""
+    if isinstance(statement, CompoundSelect):
+        return _first_table(statement.selects[0]) if statement.selects else None
+    froms = list(statement.get_final_froms())
+    for item in (*froms, *statement.selected_columns):
+        for element in visitors.iterate(item):
+            if isinstance(element, Table):
+                return _plain(element)
+    return None
+
+
+def _entity_mappers(statement: Any) -> list[Mapper[Any]]:
+    """Mapped entities in `column_descriptions` order (the first one is the statement's model)."""
+    try:
+        descriptions = statement.column_descriptions
+    except Exception:
+        return []
+    found: list[Mapper[Any]] = []
+    for desc in descriptions:
+        entity = desc.get("entity")
+        if entity is None:
+            continue
+        info = inspect(entity, raiseerr=False)
+        mapper = getattr(info, "mapper", None)
+        if mapper is not None and mapper not in found:
+            found.append(mapper)
+    return found
+
+
+def classify(statement: Any, entity_mappers: list[Mapper[Any]]) -> str:
+    """exists > count > get > fetch, as SPEC §1 orders them (get is confirmed by `_pk_params`)."""
+    columns = [_unlabel(c) for c in statement.selected_columns]
+    if len(columns) == 1 and isinstance(columns[0], Exists):
+        return "exists"
+    if columns and all(_is_count(c) for c in columns):
+        return "count"
+    if (
+        isinstance(statement, Select)
+        and len(statement._raw_columns) == 1
+        and len(entity_mappers) == 1
+        and _is_whole_entity(statement)
+        and not statement._setup_joins
+        and not statement._group_by_clauses
+        and not statement._having_criteria
+        and statement._where_criteria
+    ):
+        return "get"
+    return "fetch"
+
+
+def _unlabel(column: Any) -> Any:
+    while isinstance(column, Label):
+        column = column.element
+    return column
+
+
+def _is_count(column: Any) -> bool:
+    return (
+        isinstance(column, FunctionElement) and str(getattr(column, "name", "")).lower() == "count"
+    )
+
+
+def _is_whole_entity(statement: Select[Any]) -> bool:
+    desc = statement.column_descriptions[0]
+    entity = desc.get("entity")
+    return entity is not None and desc.get("expr") is entity
+
+
+def _pk_params(
+    statement: Select[Any], mapper: Mapper[Any], cache_key: Any
+) -> tuple[PkParam, ...] | None:
+    """If the WHERE is only `=` on every primary-key column, where each value comes from."""
+    criteria: list[Any] = []
+    for criterion in statement._where_criteria:
+        criteria.extend(_flatten_and(criterion))
+    pk_props = [mapper.get_property_by_column(col) for col in mapper.primary_key]
+    found: dict[int, PkParam] = {}
+    bindparams = cache_key.bindparams
+    for criterion in criteria:
+        if not isinstance(criterion, BinaryExpression) or criterion.operator is not operators.eq:
+            return None
+        column, param = criterion.left, criterion.right
+        if isinstance(column, BindParameter):
+            column, param = param, column
+        if not isinstance(param, BindParameter) or getattr(column, "table", None) is None:
+            return None
+        try:
+            prop = mapper.get_property_by_column(column)
+        except Exception:
+            return None
+        if prop not in pk_props:
+            return None
+        position = pk_props.index(prop)
+        index = next((i for i, bp in enumerate(bindparams) if bp is param), -1)
+        found[position] = PkParam(key=param.key, index=index, python_type=_python_type(column))
+    if len(found) != len(pk_props) or len(criteria) != len(pk_props):
+        return None
+    return tuple(found[i] for i in range(len(pk_props)))
+
+
+def _flatten_and(criterion: Any) -> list[Any]:
+    if isinstance(criterion, BooleanClauseList) and criterion.operator is operators.and_:
+        out: list[Any] = []
+        for clause in criterion.clauses:
+            out.extend(_flatten_and(clause))
+        return out
+    return [criterion]
+
+
+def _python_type(column: Any) -> type | None:
+    try:
+        return column.type.python_type
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def coerce_pk(value: Any, python_type: type | None) -> Any:
+    """Bring a `get` parameter to the type the flushed row will have, so both name one row key."""
+    if python_type is None or value is None or type(value) is python_type:
+        return value
+    if python_type is uuid.UUID:
+        return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+    if python_type is int and isinstance(value, str):
+        return int(value)
+    return value
+
+
+def _row_tables(mapper: Mapper[Any]) -> tuple[Table, ...]:
+    """Every table a row of this identity may live in, subclasses included."""
+    tables: list[Table] = []
+    for sub in mapper.self_and_descendants:
+        for table in sub.tables:
+            if isinstance(table, Table) and table not in tables:
+                tables.append(table)
+    return tuple(tables)
+
+
+def eager_dependencies(
+    entity_mappers: list[Mapper[Any]], statement: Any
+) -> tuple[set[Mapper[Any]], list[Table]]:
+    """Mappers and tables reached by eager loads that run as separate statements.
+
+    An over-approximation: mapper-level eager relationships, followed recursively, plus every
+    relationship named by a loader option. Too many tables only costs early evictions.
+    """
+    mappers: set[Mapper[Any]] = set()
+    tables: list[Table] = []
+    todo: list[Mapper[Any]] = []
+    for mapper in entity_mappers:
+        todo.extend(mapper.self_and_descendants)
+    for prop in _option_relationships(statement):
+        _add_relationship(prop, tables)
+        todo.append(prop.mapper)
+    seen: set[Mapper[Any]] = set()
+    while todo:
+        mapper = todo.pop()
+        if mapper in seen:
+            continue
+        seen.add(mapper)
+        mappers.add(mapper)
+        for table in mapper.tables:
+            if isinstance(table, Table) and table not in tables:
+                tables.append(table)
+        for prop in mapper.relationships:
+            if prop.lazy in EAGER_STRATEGIES:
+                _add_relationship(prop, tables)
+                todo.extend(prop.mapper.self_and_descendants)
+    return mappers, tables
+
+
+def _add_relationship(prop: RelationshipProperty[Any], tables: list[Table]) -> None:
+    for table in (*prop.mapper.tables, prop.secondary):
+        if isinstance(table, Table) and table not in tables:
+            tables.append(table)
+
+
+def _option_relationships(statement: Any) -> Iterator[RelationshipProperty[Any]]:
+    for option in getattr(statement, "_with_options", ()):
+        for element in getattr(option, "context", ()):
+            path = getattr(element, "path", None)
+            for token in getattr(path, "path", ()) or ():
+                if isinstance(token, RelationshipProperty):
+                    yield token
+
+
+def describe_options(statement: Any) -> str:
+    """Loader options as text that is identical in every process (no memory addresses)."""
+    parts: list[str] = []
+    for option in getattr(statement, "_with_options", ()):
+        kind = type(option)
+        if not kind.__module__.startswith("sqlalchemy."):
+            raise UnstableValue(kind.__qualname__)
+        parts.append(kind.__qualname__)
+        for element in getattr(option, "context", ()):
+            parts.append(_describe_load_element(element))
+    return ";".join(parts)
+
+
+def _describe_load_element(element: Any) -> str:
+    path = getattr(element, "path", None)
+    tokens: list[str] = []
+    for token in getattr(path, "path", ()) or ():
+        if isinstance(token, Mapper):
+            tokens.append(f"{token.class_.__module__}.{token.class_.__qualname__}")
+        elif hasattr(token, "key") and hasattr(token, "parent"):
+            tokens.append(str(token.key))
+        elif isinstance(token, str):
+            tokens.append(token)
+        else:
+            info = inspect(token, raiseerr=False)
+            if getattr(info, "is_aliased_class", False) and getattr(info, "name", None):
+                tokens.append(f"aliased:{info.mapper.class_.__qualname__}:{info.name}")
+            else:
+                raise UnstableValue(type(token).__qualname__)
+    strategy = getattr(element, "strategy", None)
+    local_opts = getattr(element, "local_opts", None) or {}
+    opts = ",".join(
+        f"{k}={canonical(v)}" for k, v in sorted(local_opts.items(), key=lambda kv: str(kv[0]))
+    )
+    return f"{type(element).__name__}[{'/'.join(tokens)}]{strategy!r}{{{opts}}}"
+
+
+# -- the result's shape --------------------------------------------------------------------------
+
+
+def result_shape(compiled: Any, compile_state: Any, statement: Any) -> ResultShape | None:
+    entities = getattr(compile_state, "_entities", None)
+    if entities:
+        labels = [e._label_name for e in entities]
+        extra = [getattr(e, "_extra_entities", ()) for e in entities]
+        single = len(entities) == 1 and bool(entities[0].supports_single_entity)
+        return ResultShape(
+            metadata=SimpleResultMetaData(labels, extra),
+            single_entity=single,
+            filtered=bool(getattr(compile_state, "_has_mapper_entities", False)),
+            requires_unique=bool(getattr(compile_state, "multi_row_eager_loaders", False)),
+        )
+    result_columns = getattr(compiled, "_result_columns", None)
+    if not result_columns:
+        return None
+    labels = [rc[0] for rc in result_columns]
+    extra = [tuple(rc[2]) for rc in result_columns]
+    return ResultShape(
+        metadata=SimpleResultMetaData(labels, extra),
+        single_entity=False,
+        filtered=False,
+        requires_unique=False,
+    )
+
+
+# -- mapped tables --------------------------------------------------------------------------------
+
+
+class _MapperIndex:
+    """Which mapper owns a table, refreshed when new mappers are configured."""
+
+    def __init__(self) -> None:
+        self._by_table: dict[Table, Mapper[Any]] = {}
+        self._count = -1
+
+    def _mappers(self) -> list[Mapper[Any]]:
+        return [m for registry in list(_mapper_registries) for m in registry.mappers]
+
+    def refresh(self) -> None:
+        mappers = self._mappers()
+        if len(mappers) == self._count:
+            return
+        by_table: dict[Table, Mapper[Any]] = {}
+        for mapper in mappers:
+            table = mapper.local_table
+            current = by_table.get(table)  # type: ignore[call-overload]
+            # single-table inheritance: the base mapper owns the table
+            if current is None or (current.isa(mapper) and current is not mapper):
+                by_table[table] = mapper  # type: ignore[index]
+        self._by_table = by_table
+        self._count = len(mappers)
+
+    def mapper_for(self, table: Table | None) -> Mapper[Any] | None:
+        if table is None:
+            return None
+        found = self._by_table.get(table)
+        if found is None:
+            self.refresh()
+            found = self._by_table.get(table)
+        return found
+
+    def all_mappers(self) -> list[Mapper[Any]]:
+        return self._mappers()
+
+
+MAPPERS = _MapperIndex()
+
+
+def mapper_for_table(table: Table | None) -> Mapper[Any] | None:
+    return MAPPERS.mapper_for(table)

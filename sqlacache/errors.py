@@ -1,0 +1,26 @@
+"""The exceptions sqlacache raises to its callers.
+
+Cache faults never reach application reads or commits (SPEC §4); these are for configuration mistakes
+and for the explicit management calls (`invalidate`, `invalidate_all`) that must report an outage.
+"""
+
+from __future__ import annotations
+
+
+class CacheError(Exception):
+    """Base class of every sqlacache exception."""
+
+
+class ConfigError(CacheError, ValueError):
+    """The configuration, or an argument of a management call, is invalid; the message names it."""
+
+
+class TransportError(CacheError):
+    """The cache backend could not be reached for an explicit management call.
+
+    The invalidation that failed stays queued and is delivered when the backend answers again.
+    """
+
+
+class CacheUnavailable(CacheError):
+    """Internal: the backend failed or the circuit breaker is open; the caller falls back to SQL."""

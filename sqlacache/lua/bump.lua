@@ -1,0 +1,32 @@
+-- Bump version tokens and take or release write leases in one atomic step.
+-- KEYS: persistent version keys, then expiring (row) version keys, then leases to acquire,
+--       then leases to release.
+-- ARGV: [1] number of persistent keys, [2] number of expiring keys, [3] number of leases to
+--       acquire, [4] the new token, [5] TTL of expiring keys (ms), [6] lease TTL (ms).
+-- A lease is a holder count: each writer adds one, and removes its own when its transaction
+-- ends; the TTL bounds a lease whose holder died.
+local persistent = tonumber(ARGV[1])
+local expiring = tonumber(ARGV[2])
+local acquire = tonumber(ARGV[3])
+local token = ARGV[4]
+local i = 1
+for _ = 1, persistent do
+  redis.call('SET', KEYS[i], token)
+  i = i + 1
+end
+for _ = 1, expiring do
+  redis.call('SET', KEYS[i], token, 'PX', ARGV[5])
+  i = i + 1
+end
+for _ = 1, acquire do
+  redis.call('INCR', KEYS[i])
+  redis.call('PEXPIRE', KEYS[i], ARGV[6])
+  i = i + 1
+end
+while i <= #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 and redis.call('DECR', KEYS[i]) <= 0 then
+    redis.call('DEL', KEYS[i])
+  end
+  i = i + 1
+end
+return 1

@@ -1,0 +1,172 @@
+"""Never down: every store call goes through a circuit breaker (SPEC F1, F2, F3).
+
+A failed call costs at most the backend's operation timeout. After `threshold` consecutive
+failures, or at once when an invalidation could not be delivered, the breaker opens: the cache is
+skipped entirely until a background probe finds the backend answering *and* every queued
+invalidation has been redelivered. One WARNING when it opens, one INFO when it closes.
+
+A failure counts only if no other call succeeded while it was in flight. A dead or blackholed
+backend answers nobody, so it still opens the breaker; a busy event loop during a burst makes some
+calls miss their timeout while others succeed, and that must not switch the cache off under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from ._greenlet import greenlet_spawn
+from .errors import CacheUnavailable
+from .stats import Stats
+from .store import is_pool_exhausted
+
+logger = logging.getLogger("sqlacache")
+T = TypeVar("T")
+
+
+class Breaker:
+    """Closed: calls go through. Open: calls fail fast until a probe succeeds."""
+
+    MAX_PROBE_INTERVAL = 5.0
+
+    def __init__(self, threshold: int, probe_interval: float, stats: Stats) -> None:
+        self.threshold = threshold
+        self.probe_interval = probe_interval
+        self.stats = stats
+        self.is_open = False
+        self.failures = 0
+        self.last_success = 0.0
+        self.opened_at: float | None = None
+        self.last_error: str | None = None
+        self._probe_task: asyncio.Task[None] | None = None
+        self._next_inline_probe = 0.0
+        #: set by the owner: checks the backend and redelivers queued invalidations, or raises
+        self.recover: Callable[[], None] | None = None
+
+    @property
+    def state(self) -> str:
+        return "open" if self.is_open else "closed"
+
+    def success(self) -> None:
+        self.failures = 0
+        self.last_success = time.monotonic()
+
+    def failure(self, exc: BaseException, started: float) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.stats.transport_errors += 1
+        if self.last_success > started:
+            return  # the backend answered someone meanwhile: local trouble, not an outage
+        self.failures += 1
+        if self.failures >= self.threshold:
+            self.trip(self.last_error)
+
+    def trip(self, reason: str, *, retry_now: bool = False) -> None:
+        """Open now (an undelivered invalidation must be redelivered before any cache read).
+
+        `retry_now`: probe at once rather than after `probe_interval`. An invalidation lost to a
+        deadline missed under load is usually redelivered within a round trip, and the cache
+        need not stay off for the whole interval.
+        """
+        if not self.is_open:
+            self.is_open = True
+            self.opened_at = time.monotonic()
+            logger.warning(
+                "sqlacache: cache backend unavailable (%s); serving from the database", reason
+            )
+        self._start_probe(0.0 if retry_now else self.probe_interval)
+
+    def close(self) -> None:
+        if self.is_open:
+            down = time.monotonic() - (self.opened_at or time.monotonic())
+            logger.info("sqlacache: cache backend available again after %.1fs; cache resumed", down)
+        self.is_open = False
+        self.failures = 0
+        self.opened_at = None
+
+    def allow(self) -> bool:
+        """Whether a call may go to the backend; may run an inline probe when no loop probes."""
+        if not self.is_open:
+            return True
+        if self._probe_task is not None and not self._probe_task.done():
+            return False
+        now = time.monotonic()
+        if now < self._next_inline_probe or self.recover is None:
+            return False
+        self._next_inline_probe = now + self.probe_interval
+        try:
+            self.recover()
+        except Exception:
+            return False
+        self.close()
+        return True
+
+    def _start_probe(self, first_delay: float) -> None:
+        if self._probe_task is not None and not self._probe_task.done():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._next_inline_probe = time.monotonic() + first_delay
+            return  # no loop: `allow()` probes inline
+        self._probe_task = loop.create_task(self._probe_loop(first_delay))
+
+    async def _probe_loop(self, first_delay: float) -> None:
+        interval = self.probe_interval
+        delay = first_delay
+        while self.is_open:
+            await asyncio.sleep(delay)
+            delay = interval
+            try:
+                if self.recover is not None:
+                    await greenlet_spawn(self.recover)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                interval = min(interval * 2, self.MAX_PROBE_INTERVAL)
+                delay = interval
+                continue
+            self.close()
+
+    def stop(self) -> None:
+        if self._probe_task is not None and not self._probe_task.done():
+            self._probe_task.cancel()
+        self._probe_task = None
+
+
+class Guard:
+    """Runs store calls under the breaker; failures become `CacheUnavailable`."""
+
+    def __init__(self, breaker: Breaker) -> None:
+        self.breaker = breaker
+
+    def __call__(self, fn: Callable[..., T], *args: Any) -> T:
+        if self.breaker.is_open and not self.breaker.allow():
+            raise CacheUnavailable("circuit breaker open")
+        started = time.monotonic()
+        try:
+            result = fn(*args)
+        except CacheUnavailable:
+            raise
+        except Exception as exc:
+            if not is_pool_exhausted(exc):
+                self.breaker.failure(exc, started)
+            raise CacheUnavailable(str(exc)) from exc
+        self.breaker.success()
+        return result
+
+    async def run_async(self, make: Callable[[], Awaitable[T]]) -> T:
+        """`__call__` for a coroutine (a store running in the background)."""
+        if self.breaker.is_open:
+            raise CacheUnavailable("circuit breaker open")
+        started = time.monotonic()
+        try:
+            result = await make()
+        except Exception as exc:
+            if not is_pool_exhausted(exc):
+                self.breaker.failure(exc, started)
+            raise CacheUnavailable(str(exc)) from exc
+        self.breaker.success()
+        return result

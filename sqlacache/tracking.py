@@ -1,0 +1,485 @@
+"""Write tracking: what each transaction wrote, per connection and per savepoint.
+
+Every write is seen at the Core level (`after_execute` for INSERT/UPDATE/DELETE, whoever issued
+it: a flush, bulk DML, Core DML on an engine or connection); ORM mapper events add the primary keys
+of flushed rows. Writes are kept per connection transaction in a stack of savepoint frames. The
+moments at which they become invalidations:
+
+    flush end / Core DML  -> bump + lease            (Invalidator.announce)
+    after COMMIT          -> bump again + release    (session after_commit; for Core connections,
+                                                      their next begin or pool checkin)
+    ROLLBACK              -> release                 (savepoint rollback drops only its frame)
+
+SQLAlchemy fires `ConnectionEvents.commit` *before* COMMIT, which is why a Core connection's final
+bump waits for its next begin or checkin: its lease keeps readers from filling meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from sqlalchemy import Table, event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.sql.dml import Delete, Insert, Update, UpdateBase
+from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.selectable import TextualSelect
+
+from .database import Database, table_name
+from .errors import CacheUnavailable
+from .invalidation import Invalidator, WriteSet
+from .keys import UnstableValue, pk_text
+
+logger = logging.getLogger("sqlacache")
+
+_READ_ONLY_SQL = re.compile(r"^\s*(\(\s*)*(select|show|explain|values|table)\b", re.IGNORECASE)
+_CASCADING = frozenset({"CASCADE", "SET NULL", "SET DEFAULT"})
+
+
+class ConnectionTx:
+    """The writes of one connection's current (outermost) transaction."""
+
+    __slots__ = (
+        "announced",
+        "announcing",
+        "committed",
+        "db",
+        "flush_dml",
+        "frames",
+        "leased",
+        "owner",
+    )
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.frames: list[WriteSet] = [WriteSet()]
+        self.announced = WriteSet()
+        self.announcing: list[Any] = []  # announcements in flight: `complete` waits for them
+        self.leased: set[str] = set()  # lease keys held
+        self.flush_dml: set[str] = set()
+        self.committed = False
+        self.owner: SessionTracker | None = None
+
+    @property
+    def top(self) -> WriteSet:
+        return self.frames[-1]
+
+    def merged(self) -> WriteSet:
+        total = WriteSet()
+        for frame in self.frames:
+            total.merge(frame)
+        return total
+
+    def has_writes(self) -> bool:
+        return any(self.frames) or bool(self.leased)
+
+
+class SessionTracker:
+    """What a session's current transaction did that matters to its reads."""
+
+    __slots__ = (
+        "connections",
+        "flushing",
+        "has_sql",
+        "raw_sql",
+        "snapshot_after_write",
+        "snapshot_tx",
+        "written",
+    )
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.written: set[str] = set()
+        self.raw_sql = False
+        self.flushing = False
+        self.has_sql = False
+        #: reads see one snapshot from the transaction's first statement on
+        self.snapshot_tx = False
+        #: reads see one snapshot once the transaction has written (sqlite's legacy driver mode)
+        self.snapshot_after_write = False
+        self.connections: list[Connection] = []
+
+    @property
+    def reads_a_snapshot(self) -> bool:
+        """True once this transaction's reads may be older than the cache's current stamps."""
+        if self.snapshot_tx:
+            return self.has_sql
+        return self.snapshot_after_write and bool(self.written)
+
+
+class WriteTracker:
+    """Listens to engines, the Session class and mappers; owns the per-transaction records."""
+
+    def __init__(self, invalidator: Invalidator, db_for: Callable[[Any], Database | None]) -> None:
+        self.invalidator = invalidator
+        self.db_for = db_for
+        self.key = ("sqlacache.tx", id(self))  # per cache: several caches may share an engine
+        self._engine_listeners: list[tuple[Any, str, Callable[..., Any]]] = []
+        self._global_listeners: list[tuple[Any, str, Callable[..., Any]]] = []
+
+    # -- wiring ---------------------------------------------------------------------------------
+
+    def listen_engine(self, engine: Engine) -> None:
+        for name, fn in (
+            ("after_execute", self._after_execute),
+            ("begin", self._on_begin),
+            ("commit", self._on_commit),
+            ("rollback", self._on_rollback),
+            ("savepoint", self._on_savepoint),
+            ("release_savepoint", self._on_release_savepoint),
+            ("rollback_savepoint", self._on_rollback_savepoint),
+            ("checkin", self._on_checkin),
+        ):
+            event.listen(engine, name, fn)
+            self._engine_listeners.append((engine, name, fn))
+
+    def listen_globally(self) -> None:
+        for target, name, fn in (
+            (Mapper, "after_insert", self._after_insert),
+            (Mapper, "after_update", self._after_update),
+            (Mapper, "after_delete", self._after_delete),
+            (Session, "after_begin", self._session_after_begin),
+            (Session, "before_flush", self._session_before_flush),
+            (Session, "after_flush_postexec", self._session_after_flush),
+            (Session, "after_commit", self._session_after_commit),
+            (Session, "after_transaction_end", self._session_after_transaction_end),
+        ):
+            event.listen(target, name, fn)
+            self._global_listeners.append((target, name, fn))
+
+    def unlisten(self) -> None:
+        for target, name, fn in (*self._engine_listeners, *self._global_listeners):
+            if event.contains(target, name, fn):
+                event.remove(target, name, fn)
+        self._engine_listeners.clear()
+        self._global_listeners.clear()
+
+    # -- records --------------------------------------------------------------------------------
+
+    def session_tracker(self, session: Session) -> SessionTracker:
+        tracker: SessionTracker | None = session.info.get(self.key)
+        if tracker is None:
+            tracker = SessionTracker()
+            session.info[self.key] = tracker
+        return tracker
+
+    def _tx(self, connection: Connection, db: Database) -> ConnectionTx:
+        tx: ConnectionTx | None = connection.info.get(self.key)
+        if tx is None or tx.db is not db:
+            tx = ConnectionTx(db)
+            connection.info[self.key] = tx
+        return tx
+
+    # -- Core events ----------------------------------------------------------------------------
+
+    def _after_execute(
+        self,
+        conn: Connection,
+        clauseelement: Any,
+        multiparams: Any,
+        params: Any,
+        execution_options: Mapping[str, Any],
+        result: Any,
+    ) -> None:
+        if isinstance(clauseelement, UpdateBase):
+            db = self.db_for(conn)
+            if db is not None:
+                parameters = multiparams[0] if multiparams else params
+                self._record_dml(conn, db, clauseelement, parameters, execution_options)
+        elif isinstance(clauseelement, (TextClause, TextualSelect, str)):
+            text = clauseelement if isinstance(clauseelement, str) else _text_of(clauseelement)
+            if not _READ_ONLY_SQL.match(text):
+                db = self.db_for(conn)
+                if db is not None:
+                    self._record_raw_sql(conn, db)
+
+    def _record_dml(
+        self,
+        conn: Connection,
+        db: Database,
+        statement: UpdateBase,
+        parameters: Any,
+        execution_options: Mapping[str, Any],
+    ) -> None:
+        target = getattr(statement, "table", None)
+        if not isinstance(target, Table):
+            return
+        table = target._deannotate() if target._annotations else target
+        schema_map = db.schema_map(conn._execution_options, execution_options)
+        name = table_name(table, schema_map)
+        tx = self._tx(conn, db)
+        frame = tx.top
+        frame.tables.add(name)
+        flushing = tx.owner is not None and tx.owner.flushing
+        if flushing:
+            tx.flush_dml.add(name)  # rows come from mapper events; see _session_after_flush
+        else:
+            frame.table_wide.add(name)
+        kind = (
+            "insert"
+            if isinstance(statement, Insert)
+            else "delete"
+            if isinstance(statement, Delete)
+            else "update"
+        )
+        updated = _updated_columns(statement, parameters) if isinstance(statement, Update) else None
+        cascaded = [table_name(t, schema_map) for t in cascade_targets(table, kind, updated)]
+        frame.tables.update(cascaded)
+        frame.table_wide.update(cascaded)
+        if tx.owner is not None:
+            tx.owner.written.add(name)
+            tx.owner.written.update(cascaded)
+        if db.autocommit(conn):
+            self._complete(conn, tx)
+        elif not flushing:
+            self._announce(tx)
+
+    def _record_raw_sql(self, conn: Connection, db: Database) -> None:
+        tx = self._tx(conn, db)
+        if tx.owner is not None:
+            tx.owner.raw_sql = True
+
+    def _on_begin(self, conn: Connection) -> None:
+        tx: ConnectionTx | None = conn.info.get(self.key)
+        if tx is not None and tx.committed:
+            # the previous transaction of this connection has committed by now
+            self._complete(conn, tx)
+
+    def _on_commit(self, conn: Connection) -> None:
+        tx: ConnectionTx | None = conn.info.get(self.key)
+        if tx is not None:
+            tx.committed = True
+
+    def _on_rollback(self, conn: Connection) -> None:
+        tx: ConnectionTx | None = conn.info.pop(self.key, None)
+        if tx is not None and tx.leased:
+            self.invalidator.release(tx.db.identity, tx.leased, tx.announcing)
+
+    def _on_savepoint(self, conn: Connection, name: str) -> None:
+        db = self.db_for(conn)
+        if db is not None:
+            self._tx(conn, db).frames.append(WriteSet())
+
+    def _on_release_savepoint(self, conn: Connection, name: str, context: Any) -> None:
+        tx: ConnectionTx | None = conn.info.get(self.key)
+        if tx is not None and len(tx.frames) > 1:
+            released = tx.frames.pop()
+            tx.top.merge(released)
+
+    def _on_rollback_savepoint(self, conn: Connection, name: str, context: Any) -> None:
+        tx: ConnectionTx | None = conn.info.get(self.key)
+        if tx is not None and len(tx.frames) > 1:
+            tx.frames.pop()  # its writes are undone; its leases stay until the transaction ends
+
+    def _on_checkin(self, dbapi_connection: Any, record: Any) -> None:
+        tx: ConnectionTx | None = record.info.pop(self.key, None)
+        if tx is None:
+            return
+        if tx.committed:
+            self._deliver_complete(tx)
+        elif tx.leased:
+            self.invalidator.release(tx.db.identity, tx.leased, tx.announcing)
+
+    # -- mapper events: the rows of a flush -----------------------------------------------------
+
+    def _after_insert(self, mapper: Mapper[Any], connection: Connection, target: Any) -> None:
+        self._record_rows(mapper, connection, target)
+
+    def _after_update(self, mapper: Mapper[Any], connection: Connection, target: Any) -> None:
+        self._record_rows(mapper, connection, target)
+
+    def _after_delete(self, mapper: Mapper[Any], connection: Connection, target: Any) -> None:
+        self._record_rows(mapper, connection, target)
+
+    def _record_rows(self, mapper: Mapper[Any], connection: Connection, target: Any) -> None:
+        db = self.db_for(connection)
+        if db is None:
+            return
+        tx = self._tx(connection, db)
+        state = instance_state(target)
+        identities = []
+        try:
+            identities.append(pk_text(mapper.primary_key_from_instance(target)))
+            if state.key is not None:
+                identities.append(pk_text(state.key[1]))  # the old identity, if the pk changed
+        except UnstableValue:
+            identities = []
+        schema_map = db.schema_map(connection._execution_options)
+        frame = tx.top
+        for table in mapper.tables:
+            if not isinstance(table, Table):
+                continue
+            name = table_name(table, schema_map)
+            if identities:
+                for identity in identities:
+                    frame.add_row(name, identity)
+            else:
+                frame.table_wide.add(name)
+            if tx.owner is not None:
+                tx.owner.written.add(name)
+
+    # -- Session events -------------------------------------------------------------------------
+
+    def _session_after_begin(
+        self, session: Session, transaction: Any, connection: Connection
+    ) -> None:
+        db = self.db_for(connection)
+        if db is None:
+            return
+        tracker = self.session_tracker(session)
+        tracker.connections.append(connection)
+        tracker.has_sql = True
+        tracker.snapshot_tx = tracker.snapshot_tx or db.snapshot_per_transaction(connection)
+        tracker.snapshot_after_write = db.is_sqlite
+        tx = self._tx(connection, db)
+        tx.owner = tracker
+        # a session joining an outer transaction must see what that transaction already wrote
+        for frame in tx.frames:
+            tracker.written |= frame.all_tables()
+
+    def _session_before_flush(self, session: Session, flush_context: Any, instances: Any) -> None:
+        self.session_tracker(session).flushing = True
+
+    def _session_after_flush(self, session: Session, flush_context: Any) -> None:
+        tracker = session.info.get(self.key)
+        if tracker is None:
+            return
+        tracker.flushing = False
+        for connection in tracker.connections:
+            tx: ConnectionTx | None = connection.info.get(self.key)
+            if tx is None:
+                continue
+            for name in tx.flush_dml:
+                if not any(name in frame.rows for frame in tx.frames):
+                    tx.top.table_wide.add(name)  # e.g. an association table: no row identities
+            tx.flush_dml.clear()
+            self._announce(tx)
+
+    def _session_after_commit(self, session: Session) -> None:
+        tracker: SessionTracker | None = session.info.get(self.key)
+        if tracker is None:
+            return
+        tracker.flushing = False
+        for connection in tracker.connections:
+            if connection.closed or connection.in_transaction():
+                continue  # still inside an outer transaction the session did not begin
+            self._complete(connection, None)
+
+    def _session_after_transaction_end(self, session: Session, transaction: Any) -> None:
+        if transaction.parent is None:
+            tracker: SessionTracker | None = session.info.get(self.key)
+            if tracker is not None:
+                tracker.reset()
+
+    # -- delivery -------------------------------------------------------------------------------
+
+    def _announce(self, tx: ConnectionTx) -> None:
+        new = tx.merged().minus(tx.announced)
+        acquire = self.invalidator.lease_keys(tx.db.identity, new) - tx.leased
+        if not new and not acquire:
+            return
+        tx.announced.merge(new)
+        tx.leased |= acquire
+        in_flight = self.invalidator.announce(tx.db.identity, new, acquire)
+        if in_flight is not None:
+            tx.announcing.append(in_flight)
+
+    def _complete(self, conn: Connection, tx: ConnectionTx | None) -> None:
+        tx = conn.info.pop(self.key, None) if tx is None else tx
+        conn.info.pop(self.key, None)
+        if tx is not None:
+            self._deliver_complete(tx)
+
+    def _deliver_complete(self, tx: ConnectionTx) -> None:
+        writes = tx.merged()
+        if not writes and not tx.leased:
+            return
+        try:
+            self.invalidator.complete(tx.db.identity, writes, tx.leased, tx.announcing)
+        except asyncio.CancelledError:
+            raise
+        except CacheUnavailable:
+            pass  # queued by the invalidator
+        except Exception:  # never let the cache break a commit (SPEC F4)
+            logger.exception("sqlacache: post-commit invalidation failed; queued")
+            self.invalidator.queue(tx.db.identity, writes.all_tables())
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def _text_of(element: Any) -> str:
+    if isinstance(element, TextualSelect):
+        element = element.element
+    return str(getattr(element, "text", ""))
+
+
+def _updated_columns(statement: Update, parameters: Any) -> set[str] | None:
+    names: set[str] = set()
+    for source in (
+        getattr(statement, "_values", None),
+        getattr(statement, "_ordered_values", None),
+    ):
+        if source:
+            items = source.keys() if isinstance(source, Mapping) else (k for k, _ in source)
+            names.update(
+                getattr(k, "key", None) or getattr(k, "name", None) or str(k) for k in items
+            )
+    if isinstance(parameters, Mapping):
+        names.update(str(k) for k in parameters)
+    return names or None
+
+
+_CASCADE_MEMO: dict[tuple[Table, str, frozenset[str] | None, int], list[Table]] = {}
+
+
+def cascade_targets(table: Table, kind: str, updated: Iterable[str] | None) -> list[Table]:
+    """Tables the database changes by itself, through foreign keys declared in the metadata."""
+    if kind == "insert":
+        return []
+    updated_key = frozenset(updated) if updated is not None else None
+    metadata = table.metadata
+    memo_key = (table, kind, updated_key, len(metadata.tables))
+    found = _CASCADE_MEMO.get(memo_key)
+    if found is not None:
+        return found
+    out: list[Table] = []
+    todo: list[tuple[Table, str, frozenset[str] | None]] = [(table, kind, updated_key)]
+    seen: set[tuple[Table, str]] = set()
+    while todo:
+        parent, action_kind, columns = todo.pop()
+        if (parent, action_kind) in seen:
+            continue
+        seen.add((parent, action_kind))
+        for child in metadata.tables.values():
+            for fk in child.foreign_keys:
+                try:
+                    referenced = fk.column
+                except Exception:
+                    continue
+                if referenced.table is not parent:
+                    continue
+                action = (fk.ondelete if action_kind == "delete" else fk.onupdate) or ""
+                if action.upper() not in _CASCADING:
+                    continue
+                if (
+                    action_kind == "update"
+                    and columns is not None
+                    and referenced.key not in columns
+                ):
+                    continue
+                if child not in out:
+                    out.append(child)
+                if action_kind == "delete" and action.upper() == "CASCADE":
+                    todo.append((child, "delete", None))
+                else:
+                    todo.append((child, "update", frozenset({fk.parent.key})))
+    _CASCADE_MEMO[memo_key] = out
+    return out
