@@ -195,12 +195,18 @@ class Samples:
 
 
 async def interleave(
-    variants: Mapping[str, Op], rounds: int, batch: int, sql: SQLCounter
+    variants: Mapping[str, Op],
+    rounds: int,
+    batch: int,
+    sql: SQLCounter,
+    settle: Callable[[], Awaitable[None]] | None = None,
 ) -> dict[str, Samples]:
     """Run each variant `rounds` times in batches of `batch` ops, rotating the order every round.
 
     On a noisy 2-vCPU machine, a variant measured a minute after another sees a different machine;
     alternating short batches exposes every variant to the same noise, so their ratios hold.
+    `settle` runs untimed after every batch: work a batch left in the background (a miss's entry
+    being written) is then never charged to the next variant's batch.
     """
     names = list(variants)
     samples = {name: Samples() for name in names}
@@ -218,6 +224,8 @@ async def interleave(
                 own = await op(number)
                 out.micros.append(own if own is not None else (clock() - start) / 1000)
             out.selects += sql.selects - before
+            if settle is not None:
+                await settle()
     return samples
 
 

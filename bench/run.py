@@ -348,12 +348,16 @@ async def run_phase(env: Env, backend: str) -> dict[str, Any]:
         return result
 
     try:
-        out["reads"] = await section("reads", measure_reads(env, cached, meter))
+        out["reads"] = await section(
+            "reads", measure_reads(env, cached, meter, cache.flush_pending)
+        )
         if meter is not None:
             out["round_trips"] = await section(
                 "round_trips", measure_round_trips(meter, cached, env.settings.round_trip_ops)
             )
-        out["commit"] = await section("commit", measure_commit(env, cached, meter))
+        out["commit"] = await section(
+            "commit", measure_commit(env, cached, meter, cache.flush_pending)
+        )
         # The first burst of a process meets an almost empty Redis connection pool; then the pool
         # is grown gently (as a server's load would grow it) and the herds run again.
         first = await section("stampede_first_burst", first_burst(env, cached))
@@ -371,7 +375,9 @@ async def run_phase(env: Env, backend: str) -> dict[str, Any]:
     return out
 
 
-async def measure_reads(env: Env, cached: Sessions, meter: Meter | None) -> dict[str, Any]:
+async def measure_reads(
+    env: Env, cached: Sessions, meter: Meter | None, settle: Callable[[], Awaitable[None]]
+) -> dict[str, Any]:
     s = env.settings
     out: dict[str, Any] = {}
     for workload in WORKLOADS:
@@ -399,7 +405,7 @@ async def measure_reads(env: Env, cached: Sessions, meter: Meter | None) -> dict
             await variants["miss"](number)
             if meter is not None:
                 await meter.rtt(number)
-        samples = await interleave(variants, s.rounds, s.batch, env.sql)
+        samples = await interleave(variants, s.rounds, s.batch, env.sql, settle)
         out[workload.name] = {name: sample.summary() for name, sample in samples.items()}
         env.warnings += check_selects(f"{backend_label(meter)} {workload.name}", samples)
     return out
@@ -451,7 +457,9 @@ def committer(sessions: Sessions, first_pk: int) -> Callable[[int], Awaitable[fl
     return op
 
 
-async def measure_commit(env: Env, cached: Sessions, meter: Meter | None) -> dict[str, Any]:
+async def measure_commit(
+    env: Env, cached: Sessions, meter: Meter | None, settle: Callable[[], Awaitable[None]]
+) -> dict[str, Any]:
     low, high = COMMIT_PKS
     half = (high - low + 1) // 2
     n = min(env.settings.commit_samples, half)
@@ -462,7 +470,7 @@ async def measure_commit(env: Env, cached: Sessions, meter: Meter | None) -> dic
     }
     if meter is not None:
         variants["rtt"] = meter.rtt
-    samples = await interleave(variants, max(1, n // batch), batch, env.sql)
+    samples = await interleave(variants, max(1, n // batch), batch, env.sql, settle)
     out: dict[str, Any] = {name: sample.summary() for name, sample in samples.items()}
     if meter is not None:
         low_rt, high_rt = ROUND_TRIP_COMMIT_PKS

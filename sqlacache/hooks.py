@@ -479,7 +479,7 @@ class Read:
         """The stamp read before the query; missing versions get a token to initialise.
 
         A missing row version is created only if its table's version is still the one this read
-        saw (see lua/init_rows.lua); table versions never expire and are created if still missing.
+        saw (see lua/fill.lua); table versions never expire and are created if still missing.
         """
         fill = Fill(
             self.entry_key,

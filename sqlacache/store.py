@@ -49,7 +49,7 @@ class Fill:
     init: list[tuple[str, bytes, None]] = field(default_factory=list)
     #: row versions (key, token, guarding table version key, the value the reader saw there, the
     #: token this process creates that table version with) to create with TTL `extend_ms` if still
-    #: missing and the table version is unchanged (see lua/init_rows.lua)
+    #: missing and the table version is unchanged (see lua/fill.lua)
     init_rows: list[tuple[str, bytes, str, bytes | None, bytes]] = field(default_factory=list)
     #: row versions whose TTL must be raised to at least `extend_ms` (never shortened)
     extend: list[str] = field(default_factory=list)
@@ -287,7 +287,7 @@ class MemoryStore:
 
 # -- redis:// ------------------------------------------------------------------------------------
 
-_SCRIPTS = ("bump", "unlock")
+_SCRIPTS = ("bump", "fill", "unlock")
 DEFAULT_MAX_CONNECTIONS = 64
 MIN_CONNECT_TIMEOUT = 0.25
 #: how long a request may queue for a pooled connection: local load, not a Redis fault; during
@@ -465,34 +465,26 @@ class RedisStore:
         if in_greenlet():
             await_(self.store_async(fill))
         else:
-            self._fill_pipeline(self._sync_client(), fill).execute()
+            keys, args = _fill_arguments(fill)
+            self._scripts[id(self._sync_client())]["fill"](keys=keys, args=args)
 
     async def store_async(self, fill: Fill) -> None:
-        """The store transaction, from a coroutine: the read path may run it in the background."""
-        await self._gated(lambda client: self._fill_pipeline(client, fill).execute())
+        """The store, from a coroutine: the read path may run it in the background.
 
-    def _fill_pipeline(self, client: Any, fill: Fill) -> Any:
-        """One round trip: write the entry, create missing versions, keep row versions alive.
-
-        MULTI/EXEC: a reader sees the entry and the versions it creates together or not at all
-        (seeing new versions without the entry would hide this fill from identical in-process
-        misses, see `stampede`). The script goes by EVAL, not EVALSHA: inside a transaction a
-        NOSCRIPT (after a Redis restart) would fail it alone and apply the rest.
+        One script (lua/fill.lua) on a lean connection: atomic like MULTI/EXEC, and a single
+        command to pack and a single reply to parse, which is most of a miss's client-side cost.
         """
-        pipe = client.pipeline(transaction=True)
-        pipe.set(fill.entry_key, fill.value, px=fill.ttl_ms)
-        if fill.init_rows:
-            keys: list[str] = []
-            args: list[bytes | int] = [fill.extend_ms, 1 if fill.guard_rows() else 0]
-            for key, token, guard, seen, planned in fill.init_rows:
-                keys += [key, guard]
-                args += [token, seen or b"", planned]
-            pipe.eval(_lua("init_rows.lua"), len(keys), *keys, *args)
-        for key, token, _ in fill.init:
-            pipe.set(key, token, nx=True)
-        for key in fill.extend:
-            pipe.execute_command("PEXPIRE", key, fill.extend_ms, "GT")
-        return pipe
+        await self._lean_script("fill", *_fill_arguments(fill))
+
+    async def _lean_script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA on a lean connection; EVAL once if the server lost its scripts (a restart)."""
+        script = self._scripts[id(self._client)][name]
+        try:
+            return await self._lean("EVALSHA", script.sha, len(keys), *keys, *args)
+        except Exception as exc:
+            if type(exc).__name__ != "NoScriptError":
+                raise
+            return await self._lean("EVAL", script.script, len(keys), *keys, *args)
 
     def bump(self, bump: Bump, token: bytes, row_ttl_ms: int, lease_ttl_ms: int) -> None:
         if in_greenlet():
@@ -503,14 +495,7 @@ class RedisStore:
     async def bump_async(
         self, bump: Bump, token: bytes, row_ttl_ms: int, lease_ttl_ms: int
     ) -> None:
-        keys, args = _bump_arguments(bump, token, row_ttl_ms, lease_ttl_ms)
-        script = self._scripts[id(self._client)]["bump"]
-        try:
-            await self._lean("EVALSHA", script.sha, len(keys), *keys, *args)
-        except Exception as exc:
-            if type(exc).__name__ != "NoScriptError":
-                raise
-            await self._lean("EVAL", script.script, len(keys), *keys, *args)
+        await self._lean_script("bump", *_bump_arguments(bump, token, row_ttl_ms, lease_ttl_ms))
 
     def _bump_with(
         self, client: Any, bump: Bump, token: bytes, row_ttl_ms: int, lease_ttl_ms: int
@@ -603,6 +588,26 @@ class RedisStore:
         idle, self._idle = self._idle, []
         for connection in idle:
             await connection.disconnect()
+
+
+def _fill_arguments(fill: Fill) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of lua/fill.lua."""
+    keys = [fill.entry_key]
+    args: list[Any] = [
+        fill.value,
+        fill.ttl_ms,
+        len(fill.init_rows),
+        len(fill.init),
+        fill.extend_ms,
+        1 if fill.init_rows and fill.guard_rows() else 0,
+    ]
+    for key, token, guard, seen, planned in fill.init_rows:
+        keys += (key, guard)
+        args += (token, seen or b"", planned)
+    keys += [key for key, _, _ in fill.init]
+    args += [token for _, token, _ in fill.init]
+    keys += fill.extend
+    return keys, args
 
 
 def _bump_arguments(
