@@ -31,7 +31,15 @@ from .analysis import Plan, coerce_pk
 from .config import ModelPolicy, check_timeout
 from .database import Database, table_name
 from .errors import CacheUnavailable
-from .keys import ROW_VERSION_MARGIN_MS, UnstableValue, canonical, digest, new_token, pk_text
+from .keys import (
+    ROW_VERSION_MARGIN_MS,
+    UnstableValue,
+    canonical,
+    digest_base,
+    digest_from,
+    new_token,
+    pk_text,
+)
 from .serialize import PayloadError, Snapshot, Unserializable
 from .snapshot import NotSnapshottable, build_result, enum_resolver, freeze, mapper_name, thaw
 from .stampede import Flights
@@ -60,6 +68,7 @@ class KeySet:
     row_prefixes: tuple[str, ...]  # get: one row-version key prefix per table of the entity
     row_lease_prefixes: tuple[str, ...]  # get: one row-lease key prefix per table of the entity
     row_guards: tuple[str, ...]  # get: the table version guarding each row version's creation
+    entry_base: Any  # the entry digest fed with what is fixed here: statement, database, schema map
 
 
 class ReadPath:
@@ -175,19 +184,20 @@ class ReadPath:
                 tracker = session.info.get(self.manager.tracker.key)
                 if tracker is not None and not keyset.names.isdisjoint(tracker.written):
                     raise Bypass("own_writes")
-        identity = self._entry_digest(state, db, plan, schema_map, cache_key)
+        identity = self._entry_digest(state, keyset, cache_key)
         return keyset, identity, tracker
 
     def _keyset(self, db: Database, plan: Plan, schema_map: Mapping[Any, Any] | None) -> KeySet:
-        memo = (db.identity, canonical(schema_map) if schema_map else None)
+        schema_text = canonical(schema_map) if schema_map else ""
+        memo = (db.identity, schema_text)
         keyset: KeySet | None = plan.keysets.get(memo)
         if keyset is None:
-            keyset = self._build_keyset(db, plan, schema_map)
+            keyset = self._build_keyset(db, plan, schema_map, schema_text)
             plan.keysets[memo] = keyset
         return keyset
 
     def _build_keyset(
-        self, db: Database, plan: Plan, schema_map: Mapping[Any, Any] | None
+        self, db: Database, plan: Plan, schema_map: Mapping[Any, Any] | None, schema_text: str
     ) -> KeySet:
         ns, dbid = self.ns, db.identity
 
@@ -220,16 +230,11 @@ class ReadPath:
             row_prefixes=tuple(row_prefixes),
             row_lease_prefixes=tuple(row_lease_prefixes),
             row_guards=tuple(row_guards),
+            entry_base=digest_base(plan.sql_digest, db.identity, schema_text),
         )
 
-    def _entry_digest(
-        self,
-        state: ORMExecuteState,
-        db: Database,
-        plan: Plan,
-        schema_map: Mapping[Any, Any] | None,
-        cache_key: Any,
-    ) -> str:
+    def _entry_digest(self, state: ORMExecuteState, keyset: KeySet, cache_key: Any) -> str:
+        """The entry's name: the keyset's fixed parts, then this call's values and options."""
         load_options = state.load_options
         try:
             values = canonical([bp.effective_value for bp in cache_key.bindparams])
@@ -244,16 +249,7 @@ class ReadPath:
         except TypeError as exc:  # executemany parameters are not a SELECT's
             raise Bypass("parameters") from exc
         flags = f"{int(load_options._only_return_tuples)}{int(load_options._invoke_all_eagers)}"
-        return digest(
-            plan.sql_digest,
-            db.identity,
-            values,
-            params,
-            canonical(schema_map) if schema_map else "",
-            token,
-            context,
-            flags,
-        )
+        return digest_from(keyset.entry_base, values, params, token, context, flags)
 
     # -- helpers used by Read --------------------------------------------------------------------
 

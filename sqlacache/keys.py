@@ -54,7 +54,11 @@ def canonical(value: Any) -> str:
     kind = type(value)
     if kind in _STABLE_REPR_TYPES:
         return repr(value)
-    if kind in (tuple, list):
+    if kind is tuple or kind is list:
+        if _STABLE_REPR_TYPES.issuperset(map(type, value)):
+            # the common case (a statement's parameters, an IN list) in one C-level repr; the
+            # "t" marks it apart from the element-wise form below, which never starts with "t"
+            return "t" + repr(tuple(value))
         return "(" + ",".join(canonical(v) for v in value) + ")"
     if isinstance(value, enum.Enum):
         return f"{kind.__module__}.{kind.__qualname__}.{value.name}"
@@ -71,7 +75,22 @@ def canonical(value: Any) -> str:
 
 def digest(*parts: str) -> str:
     """A short, collision-resistant hex digest of text parts."""
+    return digest_base(*parts).hexdigest()
+
+
+def digest_base(*parts: str) -> Any:
+    """A digest fed with leading parts once, to be finished many times by `digest_from`:
+    `digest_from(digest_base(a, b), c)` equals `digest(a, b, c)`."""
     h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        h.update(part.encode("utf-8", "surrogatepass"))
+        h.update(b"\x00")
+    return h
+
+
+def digest_from(base: Any, *parts: str) -> str:
+    """The digest of `base`'s parts followed by `parts`; `base` itself is left as it was."""
+    h = base.copy()
     for part in parts:
         h.update(part.encode("utf-8", "surrogatepass"))
         h.update(b"\x00")

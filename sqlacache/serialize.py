@@ -16,6 +16,7 @@ import gzip
 import hashlib
 import hmac
 import json
+import operator
 import pickle
 import uuid
 import zlib
@@ -119,10 +120,12 @@ def _fixed_offsets(values: Sequence[Any]) -> bool:
     return zones <= {_NONE, datetime.timezone}
 
 
+_ISOFORMAT = operator.methodcaller("isoformat")  # C-level: no Python frame per value
+
 _ENCODERS: dict[str, Callable[[Any], Any]] = {
-    "dt": lambda v: v.isoformat(),
-    "da": lambda v: v.isoformat(),
-    "t": lambda v: v.isoformat(),
+    "dt": _ISOFORMAT,
+    "da": _ISOFORMAT,
+    "t": _ISOFORMAT,
     "td": lambda v: [v.days, v.seconds, v.microseconds],
     "d": str,
     "b": lambda v: base64.b64encode(v).decode("ascii"),
@@ -145,11 +148,15 @@ def _encode_column(values: Sequence[Any], codec: str) -> Sequence[Any]:
     if not codec:
         return values
     encode = _ENCODERS[codec]
-    return [None if v is None else encode(v) for v in values]
+    if None in values:
+        return [None if v is None else encode(v) for v in values]
+    return list(map(encode, values))
 
 
 def _decode_column(values: list[Any], decode: Callable[[Any], Any]) -> list[Any]:
-    return [None if v is None else decode(v) for v in values]
+    if None in values:
+        return [None if v is None else decode(v) for v in values]
+    return list(map(decode, values))
 
 
 # -- the serializer ------------------------------------------------------------------------------

@@ -268,15 +268,17 @@ def freeze(
 
 
 def _is_entity_column(rows: Sequence[Any], position: int | None) -> bool:
-    kinds = set()
-    for row in rows:
-        cell = row if position is None else row[position]
-        if cell is None:
-            continue
-        kinds.add(hasattr(cell, "_sa_instance_state"))
-        if len(kinds) > 1:
-            raise NotSnapshottable("mixed_column")
-    return kinds == {True}
+    """Whether a column holds mapped objects only; a mix of objects and values is refused.
+
+    Decided per type, not per cell: a column has few distinct types and many rows.
+    """
+    cells = rows if position is None else map(operator.itemgetter(position), rows)
+    kinds = set(map(type, cells))
+    kinds.discard(type(None))
+    mapped = {hasattr(kind, "_sa_class_manager") for kind in kinds}
+    if len(mapped) > 1:
+        raise NotSnapshottable("mixed_column")
+    return mapped == {True}
 
 
 # -- thaw ----------------------------------------------------------------------------------------

