@@ -66,10 +66,10 @@ async def test_fill_writes_entry_and_creates_only_missing_versions(
     await raw.set(k("row-old"), b"existing", px=60_000)
     await store.store_async(
         fill(
-            init=[(k("table-new"), b"t1", None), (k("table-old"), b"t2", None)],
+            init=[(k("table-new"), b"t1", None), (k("table-old"), b"existing", None)],
             init_rows=[
                 (k("row-new"), b"r1", k("table-new"), None, b""),
-                (k("row-old"), b"r2", k("table-old"), b"existing", b""),
+                (k("row-old"), b"existing", k("table-old"), b"existing", b""),
             ],
         )
     )
@@ -80,7 +80,22 @@ async def test_fill_writes_entry_and_creates_only_missing_versions(
     assert await raw.get(k("table-old")) == b"existing", "a table version is never overwritten"
     assert await raw.get(k("row-new")) == b"r1"
     assert 29_000 < await raw.pttl(k("row-new")) <= 30_000
-    assert await raw.get(k("row-old")) == b"existing", "a row version is never overwritten"
+
+
+@pytest.mark.parametrize("version", ["table", "row"])
+async def test_fill_never_overwrites_versions_nor_stores_an_entry_they_invalidate(
+    redis_pair: tuple[RedisStore, aioredis.Redis], version: str
+) -> None:
+    """Another process initialised the version first (two fills at once): its entry stays."""
+    store, raw = redis_pair
+    await raw.set(k("entry"), b"the other process's entry")
+    await raw.set(k(version), b"theirs", px=60_000)
+    if version == "table":
+        await store.store_async(fill(init=[(k("table"), b"ours", None)]))
+    else:
+        await store.store_async(fill(init_rows=[(k("row"), b"ours", k("table"), None, b"")]))
+    assert await raw.get(k(version)) == b"theirs", "a version is never overwritten"
+    assert await raw.get(k("entry")) == b"the other process's entry"
 
 
 async def test_fill_only_raises_row_version_ttls(
@@ -120,7 +135,8 @@ async def test_slow_fill_creates_row_versions_only_under_an_unchanged_table_vers
         fill(captured_at=slow, init_rows=[(k("row"), b"r1", k("table"), seen, planned)])
     )
     assert (await raw.get(k("row")) == b"r1") is created
-    assert await raw.get(k("entry")) == b"payload", "the entry is stored either way"
+    stored = await raw.get(k("entry")) == b"payload"
+    assert stored is created, "an entry whose row version was refused could never validate"
 
 
 async def test_fast_fill_is_not_guarded(redis_pair: tuple[RedisStore, aioredis.Redis]) -> None:

@@ -151,6 +151,7 @@ class MemoryStore:
         now = time.monotonic()
         with self._lock:
             guarded = fill.guard_rows()
+            valid = True  # as lua/fill.lua: store no entry that could never validate
             for key, token, guard, seen, planned in fill.init_rows:
                 table_version = self._live(guard, now)
                 unchanged = (
@@ -158,19 +159,26 @@ class MemoryStore:
                     or table_version == seen
                     or (seen is None and table_version == planned)
                 )
-                if unchanged and self._live(key, now) is None:
+                current = self._live(key, now)
+                if unchanged and current is None:
                     self._keys[key] = (now + fill.extend_ms / 1000, token)
+                elif not unchanged or current != token:
+                    valid = False
             for key, token, _ in fill.init:
-                if self._live(key, now) is None:
+                current = self._live(key, now)
+                if current is None:
                     self._keys[key] = (float("inf"), token)
+                elif current != token:
+                    valid = False
             for key in fill.extend:
-                current = self._keys.get(key)
-                if current is not None and current[0] < now + fill.extend_ms / 1000:
-                    self._keys[key] = (now + fill.extend_ms / 1000, current[1])
-            self._drop_entry(fill.entry_key)
-            self._entries[fill.entry_key] = (now + fill.ttl_ms / 1000, fill.value)
-            self._bytes += len(fill.value)
-            self._evict()
+                current_ttl = self._keys.get(key)
+                if current_ttl is not None and current_ttl[0] < now + fill.extend_ms / 1000:
+                    self._keys[key] = (now + fill.extend_ms / 1000, current_ttl[1])
+            if valid:
+                self._drop_entry(fill.entry_key)
+                self._entries[fill.entry_key] = (now + fill.ttl_ms / 1000, fill.value)
+                self._bytes += len(fill.value)
+                self._evict()
             self._sweep(now)
 
     def _live(self, key: str, now: float) -> bytes | None:
@@ -381,8 +389,8 @@ class RedisStore:
 
         return {"decode_responses": False, "retry": Retry(NoBackoff(), 0), **self._options}
 
-    async def _gated(self, command: Callable[[Any], Awaitable[T]]) -> T:
-        """Run `command(client)` holding one of `max_connections` slots (SPEC F5 under bursts)."""
+    async def _enter_gate(self) -> asyncio.Semaphore:
+        """Take one of `max_connections` slots, waiting at most the pool timeout (local load)."""
         gate = self._gate
         if gate.locked():
             try:
@@ -391,6 +399,11 @@ class RedisStore:
                 raise PoolExhausted(f"no Redis connection within {self._pool_timeout}s") from None
         else:
             await gate.acquire()
+        return gate
+
+    async def _gated(self, command: Callable[[Any], Awaitable[T]]) -> T:
+        """Run `command(client)` holding one of `max_connections` slots (SPEC F5 under bursts)."""
+        gate = await self._enter_gate()
         try:
             return await command(self._client)
         finally:
@@ -431,14 +444,7 @@ class RedisStore:
         redis-py closes a connection whose send or read is interrupted, so a command cut by the
         deadline never leaves a reply behind for the next user of the connection.
         """
-        gate = self._gate
-        if gate.locked():
-            try:
-                await asyncio.wait_for(gate.acquire(), self._pool_timeout)
-            except asyncio.TimeoutError:
-                raise PoolExhausted(f"no Redis connection within {self._pool_timeout}s") from None
-        else:
-            await gate.acquire()
+        gate = await self._enter_gate()
         try:
             connection = await self._lean_connection()
             async with _Deadline(self.operation_timeout, connection):

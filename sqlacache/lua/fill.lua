@@ -13,11 +13,15 @@
 -- client knows how long its fill took and asks for the guard otherwise: then the row version is
 -- created only if its table's version (which never expires, and changes with every write) is still
 -- the one the reader saw, or the token a fill of this process created it with.
+--
+-- The entry is written only if every version it was stamped with for a missing key now holds that
+-- token: otherwise it could never validate, and writing it would only overwrite a valid entry that
+-- another process stored meanwhile for the same key (two processes filling at once).
 -- Returns, per pair, 1 if the row version now holds the new token.
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 local rows, inits, row_ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local guarded = ARGV[6] == '1'
 local out = {}
+local valid = true
 for n = 1, rows do
   local key, table_key = KEYS[2 * n], KEYS[2 * n + 1]
   local token, seen, planned = ARGV[4 + 3 * n], ARGV[5 + 3 * n], ARGV[6 + 3 * n]
@@ -30,13 +34,22 @@ for n = 1, rows do
     out[n] = 1
   else
     out[n] = 0
+    if not unchanged or redis.call('GET', key) ~= token then
+      valid = false
+    end
   end
 end
 local first_init = 2 + 2 * rows
 for i = 0, inits - 1 do
-  redis.call('SET', KEYS[first_init + i], ARGV[7 + 3 * rows + i], 'NX')
+  local key, token = KEYS[first_init + i], ARGV[7 + 3 * rows + i]
+  if not redis.call('SET', key, token, 'NX') and redis.call('GET', key) ~= token then
+    valid = false
+  end
 end
 for k = first_init + inits, #KEYS do
   redis.call('PEXPIRE', KEYS[k], row_ttl, 'GT')
+end
+if valid then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 end
 return out
