@@ -2,7 +2,7 @@
 
 The rest of sqlacache never asks which backend it has. Each operation is one round trip on Redis:
 `fetch` (entry + versions + leases in one MGET), `store` (entry + version initialisation in one
-pipeline), `bump` (versions + leases in one script). Redis-specific tricks stay in `RedisStore`.
+script), `bump` (versions + leases in one script). Redis-specific tricks stay in `RedisStore`.
 """
 
 from __future__ import annotations
