@@ -14,9 +14,10 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
+from sqlacache.backends.base import Bump, Fill
+from sqlacache.backends.redis import RedisStore
 from sqlacache.config import parse_backend
 from sqlacache.keys import FAST_FILL_SECONDS
-from sqlacache.store import Bump, Fill, RedisStore
 from tests.fixtures import Stack
 
 PREFIX = "sqlacache-script-test"

@@ -10,7 +10,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import Table, inspect
@@ -106,6 +106,18 @@ class Plan:
             shape=self.shape,
             mappers=self.mappers | frozenset(mappers),
         )
+
+    def with_result_metadata(self, metadata: Any) -> Plan:
+        """A copy whose hits build their Result with `metadata`, taken from a real result: the
+        ORM names some columns (legacy `Query` aggregates) only when it runs the statement."""
+        assert self.shape is not None
+        shape = ResultShape(
+            metadata=metadata,
+            single_entity=self.shape.single_entity,
+            filtered=self.shape.filtered,
+            requires_unique=self.shape.requires_unique,
+        )
+        return replace(self, shape=shape, keysets={})
 
 
 def uncacheable(reason: str) -> Plan:

@@ -180,7 +180,7 @@ class CacheConfig:
                 _import_module(module_name, key)
                 module_entries[module_name] = entry
             else:
-                class_entries[_import_class(key)] = entry
+                class_entries[import_class(key)] = entry
         self._class_entries = class_entries
         self._module_entries = module_entries
         self._star = star
@@ -242,7 +242,7 @@ def _import_module(name: str, culprit: str) -> Any:
         raise ConfigError(f"models key {culprit!r}: cannot import module {name!r} ({exc})") from exc
 
 
-def _import_class(path: str) -> type:
+def import_class(path: str) -> type:
     """Resolve "package.module.Class" (or a nested "module.Outer.Inner") to a mapped class."""
     parts = path.split(".")
     module = None

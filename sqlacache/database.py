@@ -62,6 +62,10 @@ class Database:
             )
             if found:
                 merged = {**(merged or {}), **found}
+        if merged and "_none" in merged:
+            # SQLAlchemy adds "_none" for the None key to a map in place at its first execution;
+            # without this, the first read of a tenant would be keyed apart from all later ones
+            merged[None] = merged.pop("_none")
         return merged
 
     def isolation_of(self, connection: Connection | None) -> str:

@@ -1,9 +1,10 @@
-"""Invalidation: turning what a transaction wrote into version bumps and write leases.
+"""Invalidation: turning writes into version bumps and write leases, and delivering them.
 
-Three moments (SPEC C6): at the first flush or DML that writes a table, its versions are bumped
-and a lease is taken (nobody fills entries reading it meanwhile); after COMMIT everything written
-is bumped again and the leases released; on rollback the leases are released. A delivery that
-fails is queued per table and redelivered before this process serves from the cache again (F3).
+Three moments of a transaction: at the first flush or DML that writes a table, its versions are
+bumped and a lease is taken (nobody fills entries reading it meanwhile); after COMMIT everything
+written is bumped again and the leases released; on rollback the leases are released. Manual
+invalidation (`cache.invalidate`, `invalidate_all`) goes through the same delivery. A delivery
+that fails is queued per table and redelivered before this process serves from the cache again.
 """
 
 from __future__ import annotations
@@ -11,65 +12,41 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import Table
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.orm import Mapper
+
 from ._greenlet import await_, in_greenlet
-from .config import CacheConfig
-from .errors import CacheUnavailable
-from .keys import WRITTEN_ROW_TTL_MS, Namespace, new_token
-from .resilience import Breaker, Guard
+from .analysis import MAPPERS
+from .backends.base import Bump
+from .config import CacheConfig, import_class
+from .errors import CacheUnavailable, ConfigError
+from .keys import WRITTEN_ROW_TTL_MS, Namespace, UnstableValue, new_token, pk_text
+from .resilience import Breaker, GuardedStore
 from .stats import Stats
-from .store import Bump, Store
+from .writes import WriteSet, cascade_targets
 
 logger = logging.getLogger("sqlacache")
-
-
-@dataclass
-class WriteSet:
-    """What a (sub)transaction wrote, by table name (after schema translation)."""
-
-    tables: set[str] = field(default_factory=set)  # DML ran: multi-row entries are stale
-    table_wide: set[str] = field(default_factory=set)  # rows unknown: `get` entries are stale too
-    rows: dict[str, set[str]] = field(default_factory=dict)  # table -> primary-key texts
-
-    def __bool__(self) -> bool:
-        return bool(self.tables or self.table_wide or self.rows)
-
-    def add_row(self, table: str, pk: str) -> None:
-        self.rows.setdefault(table, set()).add(pk)
-
-    def merge(self, other: WriteSet) -> None:
-        self.tables |= other.tables
-        self.table_wide |= other.table_wide
-        for table, pks in other.rows.items():
-            self.rows.setdefault(table, set()).update(pks)
-
-    def minus(self, other: WriteSet) -> WriteSet:
-        """What this set holds that `other` does not (for incremental flush-time bumps)."""
-        rows = {}
-        for table, pks in self.rows.items():
-            new = pks - other.rows.get(table, set())
-            if new:
-                rows[table] = new
-        return WriteSet(self.tables - other.tables, self.table_wide - other.table_wide, rows)
-
-    def all_tables(self) -> set[str]:
-        return self.tables | self.table_wide | set(self.rows)
 
 
 class Invalidator:
     """Delivers invalidations for every bound database of one cache."""
 
     def __init__(
-        self, namespace: Namespace, store: Store, guard: Guard, config: CacheConfig, stats: Stats
+        self,
+        namespace: Namespace,
+        store: GuardedStore,
+        config: CacheConfig,
+        stats: Stats,
+        spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Future[Any]] | None,
     ) -> None:
         self.ns = namespace
         self.store = store
-        self.guard = guard
         self.stats = stats
         # A row version created by a write only has to outlive the entries already depending on
-        # it, and those raised its TTL when they were stored (SPEC S3): a short life is enough.
+        # it, and those raised its TTL when they were stored: a short life is enough.
         # Once it expires, the next fill re-creates it, guarded by the table version.
         self.row_ttl_ms = WRITTEN_ROW_TTL_MS
         self.lease_ttl_ms = int(config.lease_timeout * 1000)
@@ -79,12 +56,12 @@ class Invalidator:
         #: lease keys whose release was lost (one entry per hold); they block fills until
         #: released, so they ride along with the next delivery
         self._pending_releases: list[str] = []
-        #: runs a coroutine as a task the manager tracks (set when the store is asynchronous)
-        self.spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Future[Any]] | None = None
+        #: runs a coroutine as a background task (None when the store is in-process)
+        self.spawn = spawn
 
     @property
     def breaker(self) -> Breaker:
-        return self.guard.breaker
+        return self.store.breaker
 
     @property
     def pending(self) -> int:
@@ -186,11 +163,37 @@ class Invalidator:
         else:
             self._keep(db, tables, releases, urgent)
 
+    # -- manual invalidation ----------------------------------------------------------------------
+
+    def invalidate_tables(
+        self, databases: Iterable[str], tables: list[Table | str], rows: list[str] | None
+    ) -> bool:
+        """Make `tables` stale in every database (only `rows` of them, where given), with the
+        cascades the write path would apply; False if the delivery was queued."""
+        writes = WriteSet()
+        for table in tables:
+            name = table if isinstance(table, str) else table.fullname
+            if rows is None:
+                writes.add_table_wide(name)
+            else:
+                writes.tables.add(name)
+                for pk in rows:
+                    writes.add_row(name, pk)
+            if isinstance(table, Table):
+                for child in cascade_targets(table, "delete", None):
+                    writes.add_table_wide(child.fullname)
+                for child in cascade_targets(table, "update", None):
+                    writes.add_table_wide(child.fullname)
+        delivered = True
+        for db in sorted(set(databases)):
+            delivered = self.complete(db, writes, ()) and delivered
+        return delivered
+
     def invalidate_all(self) -> None:
         """Move the namespace to a new epoch: every entry of this prefix stops validating."""
         bump = Bump(persistent=[self.ns.epoch_key])
         try:
-            self.guard(self.store.bump, bump, new_token(), self.row_ttl_ms, self.lease_ttl_ms)
+            self.store.bump(bump, new_token(), self.row_ttl_ms, self.lease_ttl_ms)
         except CacheUnavailable:
             self._pending_epoch = True
             self.stats.undelivered_invalidations += 1
@@ -229,14 +232,14 @@ class Invalidator:
         if not bump:
             return True
         try:
-            self.guard(self.store.bump, bump, new_token(), self.row_ttl_ms, self.lease_ttl_ms)
+            self.store.bump(bump, new_token(), self.row_ttl_ms, self.lease_ttl_ms)
             return True
         except CacheUnavailable:
             self._keep(db, tables, releases, urgent)
             return False
         except asyncio.CancelledError:
             # The task awaiting commit() was cancelled (a client disconnect) while this was in
-            # flight (SPEC F4): whether it landed is unknown, so it is sent again from a task of
+            # flight: whether it landed is unknown, so it is sent again from a task of
             # our own, which the cancellation cannot reach. Bumping twice is harmless; releasing
             # a lease twice can only end another writer's lease early (its own commit still
             # invalidates), where not releasing it would stop fills for the lease's TTL.
@@ -257,11 +260,8 @@ class Invalidator:
         pending = [f for f in after if not f.done()]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
-        store: Any = self.store
         try:
-            await self.guard.run_async(
-                lambda: store.bump_async(bump, new_token(), self.row_ttl_ms, self.lease_ttl_ms)
-            )
+            await self.store.bump_async(bump, new_token(), self.row_ttl_ms, self.lease_ttl_ms)
         except CacheUnavailable:
             self._keep(db, tables, list(releases), urgent)
 
@@ -314,3 +314,61 @@ class Invalidator:
             if epoch:
                 self.stats.epoch_moves += 1
             self.stats.redelivered_invalidations += len(tables) + int(epoch)
+
+
+# -- what `cache.invalidate(target, pks)` names ---------------------------------------------------
+
+
+def invalidation_targets(
+    target: Any, pks: Iterable[Any] | None, unknown_tables: bool
+) -> tuple[list[Table | str], list[str] | None]:
+    """The tables and row identities to invalidate; no tables when `pks` is empty."""
+    try:
+        tables: list[Table | str] = list(tables_of(target))
+    except ConfigError:
+        if not (unknown_tables and isinstance(target, str)):
+            raise
+        tables = [target]
+    rows: list[str] | None = None
+    if pks is not None:
+        try:
+            rows = [pk_text(pk if isinstance(pk, tuple) else (pk,)) for pk in pks]
+        except UnstableValue:
+            raise ConfigError(f"pks must be scalars or tuples of scalars, got {pks!r}") from None
+        if not rows:
+            return [], None
+    return tables, rows
+
+
+def tables_of(target: Any) -> list[Table]:
+    """The tables of a model, Table, dotted class path or table name."""
+    if isinstance(target, Table):
+        return [target]
+    if isinstance(target, Mapper):
+        return [t for t in target.tables if isinstance(t, Table)]
+    if isinstance(target, type):
+        info: Any = sa_inspect(target, raiseerr=False)
+        if info is None or not isinstance(getattr(info, "mapper", None), Mapper):
+            raise ConfigError(f"{target.__qualname__} is not a mapped class")
+        return [t for t in info.mapper.tables if isinstance(t, Table)]
+    if isinstance(target, str):
+        for table in _all_tables():
+            if table.fullname == target or table.name == target:
+                return [table]
+        if "." in target:
+            try:
+                return tables_of(import_class(target))
+            except ConfigError:
+                pass
+        raise ConfigError(f"unknown model or table {target!r}")
+    raise ConfigError(f"invalidate() takes a model, Table or name, got {target!r}")
+
+
+def _all_tables() -> list[Table]:
+    seen: dict[int, Table] = {}
+    for mapper in MAPPERS.all_mappers():
+        for table in mapper.tables:
+            if isinstance(table, Table):
+                for other in table.metadata.tables.values():
+                    seen.setdefault(id(other), other)
+    return list(seen.values())

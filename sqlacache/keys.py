@@ -67,9 +67,9 @@ def canonical(value: Any) -> str:
     if isinstance(value, datetime.datetime | datetime.date | datetime.time):
         return kind.__name__ + value.isoformat()
     if kind is dict:
-        return (
-            "{" + ",".join(f"{canonical(k)}:{canonical(v)}" for k, v in sorted(value.items())) + "}"
-        )
+        # sorted by canonical text: keys of mixed types (a schema map's None) do not compare
+        pairs = sorted((canonical(k), canonical(v)) for k, v in value.items())
+        return "{" + ",".join(f"{k}:{v}" for k, v in pairs) + "}"
     raise UnstableValue(kind.__qualname__)
 
 
@@ -113,6 +113,18 @@ class Namespace:
         self.entry_prefix = f"{prefix}:e:"
         self.epoch_key = f"{self._meta}:epoch"
         self.databases_key = f"{self._meta}:dbs"
+
+    def kinds(self) -> dict[str, tuple[str, ...]]:
+        """The key prefixes of each kind of key this namespace writes (for operators' counts)."""
+        meta = self.meta_prefix
+        return {
+            "entries": (self.entry_prefix,),
+            "table_versions": (meta + "v:",),
+            "table_wide_versions": (meta + "b:",),
+            "row_versions": (meta + "r:",),
+            "write_leases": (meta + "l:", meta + "lb:", meta + "lr:"),
+            "fill_locks": (f"{self.prefix}:lock:",),
+        }
 
     def entry(self, entry_digest: str) -> str:
         return self.entry_prefix + entry_digest

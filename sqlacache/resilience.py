@@ -1,4 +1,4 @@
-"""Never down: every store call goes through a circuit breaker (SPEC F1, F2, F3).
+"""Never down: every store call goes through a circuit breaker, and recovery redelivers what was lost.
 
 A failed call costs at most the backend's operation timeout. After `threshold` consecutive
 failures, or at once when an invalidation could not be delivered, the breaker opens: the cache is
@@ -15,13 +15,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Protocol, TypeVar
 
 from ._greenlet import greenlet_spawn
+from .backends.base import Bump, Fill, Store
+from .backends.resp import is_pool_exhausted
 from .errors import CacheUnavailable
+from .keys import Namespace, new_token
 from .stats import Stats
-from .store import is_pool_exhausted
 
 logger = logging.getLogger("sqlacache")
 T = TypeVar("T")
@@ -136,14 +138,20 @@ class Breaker:
         self._probe_task = None
 
 
-class Guard:
-    """Runs store calls under the breaker; failures become `CacheUnavailable`."""
+class GuardedStore:
+    """The store behind the breaker: every call either succeeds or raises `CacheUnavailable`.
 
-    def __init__(self, breaker: Breaker) -> None:
+    The cache holds only this wrapper, so no call site can reach the backend around the breaker.
+    """
+
+    def __init__(self, store: Store, breaker: Breaker) -> None:
+        self.raw = store
         self.breaker = breaker
+        self.shared = store.shared
 
-    def __call__(self, fn: Callable[..., T], *args: Any) -> T:
-        if self.breaker.is_open and not self.breaker.allow():
+    def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        breaker = self.breaker
+        if breaker.is_open and not breaker.allow():
             raise CacheUnavailable("circuit breaker open")
         started = time.monotonic()
         try:
@@ -152,21 +160,118 @@ class Guard:
             raise
         except Exception as exc:
             if not is_pool_exhausted(exc):
-                self.breaker.failure(exc, started)
+                breaker.failure(exc, started)
             raise CacheUnavailable(str(exc)) from exc
-        self.breaker.success()
+        breaker.success()
         return result
 
-    async def run_async(self, make: Callable[[], Awaitable[T]]) -> T:
-        """`__call__` for a coroutine (a store running in the background)."""
-        if self.breaker.is_open:
+    async def _run_async(self, make: Callable[[], Awaitable[T]]) -> T:
+        breaker = self.breaker
+        if breaker.is_open:
             raise CacheUnavailable("circuit breaker open")
         started = time.monotonic()
         try:
             result = await make()
         except Exception as exc:
             if not is_pool_exhausted(exc):
-                self.breaker.failure(exc, started)
+                breaker.failure(exc, started)
             raise CacheUnavailable(str(exc)) from exc
-        self.breaker.success()
+        breaker.success()
         return result
+
+    def fetch(self, keys: Sequence[str]) -> list[bytes | None]:
+        return self._run(self.raw.fetch, keys)
+
+    def store(self, fill: Fill) -> None:
+        self._run(self.raw.store, fill)
+
+    async def store_async(self, fill: Fill) -> None:
+        await self._run_async(lambda: self.raw.store_async(fill))
+
+    def bump(self, bump: Bump, token: bytes, row_ttl_ms: int, lease_ttl_ms: int) -> None:
+        self._run(self.raw.bump, bump, token, row_ttl_ms, lease_ttl_ms)
+
+    async def bump_async(
+        self, bump: Bump, token: bytes, row_ttl_ms: int, lease_ttl_ms: int
+    ) -> None:
+        await self._run_async(lambda: self.raw.bump_async(bump, token, row_ttl_ms, lease_ttl_ms))
+
+    def delete(self, key: str) -> None:
+        self._run(self.raw.delete, key)
+
+    def try_lock(self, key: str, token: bytes, ttl_ms: int) -> bool:
+        return self._run(self.raw.try_lock, key, token, ttl_ms)
+
+    def unlock(self, key: str, token: bytes) -> None:
+        self._run(self.raw.unlock, key, token)
+
+    def add_member(self, key: str, member: str) -> None:
+        self._run(self.raw.add_member, key, member)
+
+    def members(self, key: str) -> list[str]:
+        return self._run(self.raw.members, key)
+
+    def delete_entries(self, pattern_prefix: str) -> int:
+        return self._run(self.raw.delete_entries, pattern_prefix)
+
+    def count_keys(self, pattern_prefix: str) -> int:
+        return self._run(self.raw.count_keys, pattern_prefix)
+
+    def warm_up(self) -> None:
+        self._run(self.raw.warm_up)
+
+    def server_id(self) -> str | None:
+        return self._run(self.raw.server_id)
+
+
+class Redeliverable(Protocol):
+    """What recovery needs from the invalidator (see `invalidation.Invalidator`)."""
+
+    row_ttl_ms: int
+    lease_ttl_ms: int
+
+    def redeliver(self, send: Callable[[Bump], None]) -> None: ...
+
+    def queue_epoch(self) -> None: ...
+
+
+class Recovery:
+    """What the breaker's probe runs: it succeeds only when the backend answers *and* every queued
+    invalidation has been delivered, before any read is served from the cache again.
+
+    It also notices a backend that restarted: one that came back from an old snapshot could hold
+    version keys that validate stale entries, so the namespace moves to a new epoch.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        invalidator: Redeliverable,
+        namespace: Namespace,
+        identities: Callable[[], Iterable[str]],
+    ) -> None:
+        self.store = store
+        self.invalidator = invalidator
+        self.namespace = namespace
+        self.identities = identities
+        self._server_id: str | None = None
+
+    def __call__(self) -> None:
+        store, invalidator = self.store, self.invalidator
+        store.ping()
+        self.check_server(store.server_id())
+        invalidator.redeliver(
+            lambda bump: store.bump(
+                bump, new_token(), invalidator.row_ttl_ms, invalidator.lease_ttl_ms
+            )
+        )
+        for identity in self.identities():  # the registry may have been lost with the data
+            store.add_member(self.namespace.databases_key, identity)
+
+    def check_server(self, server_id: str | None) -> None:
+        if server_id is None:
+            return
+        if self._server_id is not None and server_id != self._server_id:
+            logger.warning("sqlacache: the cache backend restarted; every entry is made stale")
+            self.invalidator.queue_epoch()
+        self._server_id = server_id

@@ -244,7 +244,8 @@ def freeze(
         out_rows = [freezer.ref(obj) for obj in rows]
         entity_columns = [True]
     else:
-        width = len(shape.metadata.keys)
+        # the rows' own width: legacy `Query` aggregates have unnamed columns, no keys at all
+        width = len(rows[0]) if rows else len(shape.metadata.keys)
         entity_columns = [_is_entity_column(rows, i) for i in range(width)]
         for row in rows:
             out_rows.append(
@@ -432,3 +433,18 @@ def build_result(shape: ResultShape, single_entity: bool, rows: Iterable[Any]) -
     if shape.requires_unique:
         result._unique_filter_state = (set(), _require_unique)
     return result
+
+
+def materialise(
+    snapshot: Snapshot,
+    session: Session,
+    plan: Plan,
+    identity_token: Any,
+    single_entity: bool,
+    *,
+    shared: bool = False,
+) -> Result[Any]:
+    """The Result a hit returns: the snapshot thawed into `session`, shaped as the ORM shapes it."""
+    rows = thaw(snapshot, session, plan, identity_token, shared=shared)
+    assert plan.shape is not None
+    return build_result(plan.shape, single_entity, rows)

@@ -1,7 +1,8 @@
 """Observability: counters per model and op, user hooks, and the `sqlacache` logger.
 
 Hooks are called synchronously on the request path; an exception raised by one is logged and
-swallowed, never shown to the application (SPEC §6).
+swallowed, never shown to the application. Also what the backend holds under a prefix, for
+operators (`namespace_stats`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class Stats:
         self.undelivered_invalidations = 0
         self.redelivered_invalidations = 0
         self.epoch_moves = 0
+        #: exceptions raised inside sqlacache's own code, by kind: the read fell back to the database
+        self.internal_errors: dict[str, int] = defaultdict(int)
         self.on_hit: HitHook | None = None
         self.on_miss: HitHook | None = None
         self.on_invalidate: InvalidateHook | None = None
@@ -78,6 +81,24 @@ class Stats:
 
     def bypass(self, name: str, op: str, reason: str) -> None:
         self._bypasses[(name, op)][reason] += 1
+
+    def skip(self, skip: Any) -> None:
+        """A read that does not use the cache (a `decision.Skip`), under its model and op."""
+        if skip.model is not None:
+            self._bypasses[(skip.model, skip.op)][skip.reason] += 1
+
+    def internal_error(self, kind: str, exc: BaseException) -> None:
+        """An unforeseen exception in sqlacache's own code; the read fell back to the database."""
+        first = kind not in self.internal_errors
+        self.internal_errors[kind] += 1
+        if first:
+            logger.error(
+                "sqlacache: internal error %s (%s); the database served this read, and will "
+                "serve every read this error affects",
+                kind,
+                exc,
+                exc_info=exc,
+            )
 
     def invalidated(self, table: str, pks: Any) -> None:
         self._invalidations[table] += 1
@@ -118,4 +139,47 @@ class Stats:
             "undelivered_invalidations": self.undelivered_invalidations,
             "redelivered_invalidations": self.redelivered_invalidations,
             "epoch_moves": self.epoch_moves,
+            "internal_errors": dict(self.internal_errors),
         }
+
+    def report(
+        self, *, backend: Any, prefix: str, breaker: Any, pending: int, databases: list[str]
+    ) -> dict[str, Any]:
+        """What `cache.stats()` returns: the counters, the backend, the breaker, the queue."""
+        data = self.as_dict()
+        data["backend"] = {
+            "scheme": backend.scheme,
+            "shared_between_processes": not backend.is_memory,
+            "note": (
+                "mem:// is per process: a write in one worker does not evict another worker's entries"
+                if backend.is_memory
+                else "shared by every process using this Redis and prefix"
+            ),
+        }
+        data["prefix"] = prefix
+        data["circuit_breaker"] = {
+            "state": breaker.state,
+            "consecutive_failures": breaker.failures,
+            "last_error": breaker.last_error,
+        }
+        data["pending_invalidations"] = pending
+        data["databases"] = databases
+        return data
+
+
+def namespace_stats(store: Any, namespace: Any, prefix: str, backend_url: str) -> dict[str, Any]:
+    """What the backend holds under this prefix (scans the keyspace; for operators).
+
+    `store` raises `CacheUnavailable` when the backend cannot answer.
+    """
+    counts = {
+        kind: sum(store.count_keys(key_prefix) for key_prefix in prefixes)
+        for kind, prefixes in namespace.kinds().items()
+    }
+    return {
+        "prefix": prefix,
+        "backend": backend_url,
+        **counts,
+        "databases": store.members(namespace.databases_key),
+        "note": "per-process hit/miss counters live in each process: see cache.stats()",
+    }

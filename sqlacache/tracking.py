@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sqlalchemy import Table, event
@@ -32,13 +32,13 @@ from sqlalchemy.sql.selectable import TextualSelect
 
 from .database import Database, table_name
 from .errors import CacheUnavailable
-from .invalidation import Invalidator, WriteSet
+from .invalidation import Invalidator
 from .keys import UnstableValue, pk_text
+from .writes import WriteSet, cascade_targets
 
 logger = logging.getLogger("sqlacache")
 
 _READ_ONLY_SQL = re.compile(r"^\s*(\(\s*)*(select|show|explain|values|table)\b", re.IGNORECASE)
-_CASCADING = frozenset({"CASCADE", "SET NULL", "SET DEFAULT"})
 
 
 class ConnectionTx:
@@ -117,10 +117,15 @@ class SessionTracker:
 class WriteTracker:
     """Listens to engines, the Session class and mappers; owns the per-transaction records."""
 
-    def __init__(self, invalidator: Invalidator, db_for: Callable[[Any], Database | None]) -> None:
+    def __init__(
+        self,
+        invalidator: Invalidator,
+        db_for: Callable[[Any], Database | None],
+        key: tuple[str, int],
+    ) -> None:
         self.invalidator = invalidator
         self.db_for = db_for
-        self.key = ("sqlacache.tx", id(self))  # per cache: several caches may share an engine
+        self.key = key  # in session.info and connection.info: per cache, several may share one
         self._engine_listeners: list[tuple[Any, str, Callable[..., Any]]] = []
         self._global_listeners: list[tuple[Any, str, Callable[..., Any]]] = []
 
@@ -407,7 +412,7 @@ class WriteTracker:
             raise
         except CacheUnavailable:
             pass  # queued by the invalidator
-        except Exception:  # never let the cache break a commit (SPEC F4)
+        except Exception:  # never let the cache break a commit
             logger.exception("sqlacache: post-commit invalidation failed; queued")
             self.invalidator.queue(tx.db.identity, writes.all_tables())
 
@@ -435,51 +440,3 @@ def _updated_columns(statement: Update, parameters: Any) -> set[str] | None:
     if isinstance(parameters, Mapping):
         names.update(str(k) for k in parameters)
     return names or None
-
-
-_CASCADE_MEMO: dict[tuple[Table, str, frozenset[str] | None, int], list[Table]] = {}
-
-
-def cascade_targets(table: Table, kind: str, updated: Iterable[str] | None) -> list[Table]:
-    """Tables the database changes by itself, through foreign keys declared in the metadata."""
-    if kind == "insert":
-        return []
-    updated_key = frozenset(updated) if updated is not None else None
-    metadata = table.metadata
-    memo_key = (table, kind, updated_key, len(metadata.tables))
-    found = _CASCADE_MEMO.get(memo_key)
-    if found is not None:
-        return found
-    out: list[Table] = []
-    todo: list[tuple[Table, str, frozenset[str] | None]] = [(table, kind, updated_key)]
-    seen: set[tuple[Table, str]] = set()
-    while todo:
-        parent, action_kind, columns = todo.pop()
-        if (parent, action_kind) in seen:
-            continue
-        seen.add((parent, action_kind))
-        for child in metadata.tables.values():
-            for fk in child.foreign_keys:
-                try:
-                    referenced = fk.column
-                except Exception:
-                    continue
-                if referenced.table is not parent:
-                    continue
-                action = (fk.ondelete if action_kind == "delete" else fk.onupdate) or ""
-                if action.upper() not in _CASCADING:
-                    continue
-                if (
-                    action_kind == "update"
-                    and columns is not None
-                    and referenced.key not in columns
-                ):
-                    continue
-                if child not in out:
-                    out.append(child)
-                if action_kind == "delete" and action.upper() == "CASCADE":
-                    todo.append((child, "delete", None))
-                else:
-                    todo.append((child, "update", frozenset({fk.parent.key})))
-    _CASCADE_MEMO[memo_key] = out
-    return out

@@ -117,3 +117,17 @@ def test_concurrent_threads_missing_one_key_run_one_query(sync_cache, sync_engin
         thread.join()
     assert names == ["user1"] * 8
     assert counter.selects == 1  # one leader queries; the others wait for its result or hit
+
+
+def test_legacy_query_aggregates_are_cached_not_broken(sync_cache, sync_engine, counter):
+    """Issue 9 item 11: `Query.count()` and `Query(func.max(...)).scalar()` raised IndexError."""
+
+    def read() -> tuple[int, int | None]:
+        with Session(sync_engine) as s:
+            return s.query(User).count(), s.query(func.max(User.id)).scalar()
+
+    assert read() == (3, 3)
+    counter.reset()
+    assert read() == (3, 3)
+    assert counter.selects == 0
+    assert sync_cache.stats()["internal_errors"] == {}
