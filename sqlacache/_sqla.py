@@ -12,6 +12,9 @@ from typing import Any
 from sqlalchemy.engine import Result
 from sqlalchemy.orm import ORMExecuteState, Session
 
+#: `session.info` flag of the sessions the cache opens for itself (see `read_beside`)
+CACHE_OWN_SESSION = "sqlacache.own_session"
+
 
 def statement_cache_key(statement: Any) -> Any:
     """SQLAlchemy's own statement cache key (None when the statement has none)."""
@@ -97,3 +100,29 @@ def has_pending_changes(session: Session) -> bool:
 def copy_unique_filter(target: Result[Any], source: Result[Any]) -> None:
     """Give `target` the uniquing rule of `source` (joined eager loads of collections)."""
     target._unique_filter_state = source._unique_filter_state
+
+
+def read_beside(state: ORMExecuteState) -> tuple[Result[Any], Session]:
+    """Run the statement in a session of the cache's own, on the caller's connection (so in its
+    transaction), with the listeners after the current one skipped as `invoke_statement` does.
+
+    The result's objects are built from the rows the database returned, whatever the caller's
+    session already holds. The caller closes the returned session.
+    """
+    connection = state.session.connection(bind_arguments=dict(state.bind_arguments))
+    own = Session(bind=connection, autoflush=False, expire_on_commit=False)
+    own.info[CACHE_OWN_SESSION] = True
+    bind_arguments = dict(state.bind_arguments)
+    bind_arguments["_sa_skip_events"] = True
+    try:
+        result = own._execute_internal(
+            state.statement,
+            state.parameters,
+            execution_options=state.local_execution_options,
+            bind_arguments=bind_arguments,
+            _parent_execute_state=state,
+        )
+    except BaseException:
+        own.close()
+        raise
+    return result, own

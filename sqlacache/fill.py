@@ -119,8 +119,13 @@ class Filler:
     def _query(self, decision: Decision, want_snapshot: bool) -> tuple[Result[Any], Any]:
         """Run the statement; return the Result to hand back and, if wanted, its snapshot."""
         state = decision.state
-        identity_map = state.session.identity_map
-        pre_existing = set(identity_map.keys()) if len(identity_map) else None
+        if want_snapshot and len(state.session.identity_map):
+            # The session may hold objects of this result, edited, expired or loaded earlier,
+            # which the ORM would not overwrite: the entry is filled from the database's rows,
+            # read beside the session, and the caller's Result is built as a hit's is.
+            found = self._query_beside(decision)
+            if found is not None:
+                return found
         result = state.invoke_statement()
         shape = decision.plan.shape
         assert shape is not None
@@ -138,20 +143,42 @@ class Filler:
             self.stats.bypass(decision.name, decision.op, "learned_result_shape")
             return replay, None
         try:
-            return replay, self._snapshot(decision, frozen.data, pre_existing)
+            return replay, self._snapshot(decision, frozen.data)
         except NotSnapshottable as reason:
             self.stats.bypass(decision.name, decision.op, str(reason))
         except Exception as exc:  # the query ran: its result is served whatever the cache did
             self.stats.internal_error(type(exc).__name__, exc)
         return replay, None
 
-    def _snapshot(self, decision: Decision, rows: Any, pre_existing: Any) -> Snapshot:
+    def _query_beside(self, decision: Decision) -> tuple[Result[Any], Snapshot] | None:
+        """The query in a session of the cache's own on the same connection, its snapshot thawed
+        into the caller's session; None if the result cannot be cached (the caller's session
+        then runs the query itself)."""
+        shape = decision.plan.shape
+        assert shape is not None
+        result, own = _sqla.read_beside(decision.state)
+        try:
+            if shape.requires_unique:
+                result = result.unique()
+            frozen = result.freeze()
+            if tuple(frozen.metadata.keys) != tuple(shape.metadata.keys):
+                return None
+            snapshot = self._snapshot(decision, frozen.data)
+        except NotSnapshottable as reason:
+            self.stats.bypass(decision.name, decision.op, str(reason))
+            return None
+        finally:
+            own.close()
+        replay = self.materialise(decision, snapshot, shared=True)
+        return None if replay is None else (replay, snapshot)
+
+    def _snapshot(self, decision: Decision, rows: Any) -> Snapshot:
         if len(rows) > self.runtime.config.max_rows:
             raise NotSnapshottable("too_many_rows")
         plan = decision.plan
         assert plan.shape is not None
         snapshot, missing_tables, new_mappers = freeze(
-            rows, plan.shape, decision.single_entity, plan, pre_existing
+            rows, plan.shape, decision.single_entity, plan, None
         )
         if missing_tables or new_mappers:
             # the result reached tables the plan did not foresee: learn them, fill next time

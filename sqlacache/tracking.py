@@ -30,6 +30,7 @@ from sqlalchemy.sql.dml import Delete, Insert, Update, UpdateBase
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.selectable import TextualSelect
 
+from ._sqla import CACHE_OWN_SESSION
 from .database import Database, table_name
 from .errors import CacheUnavailable
 from .invalidation import Invalidator
@@ -335,6 +336,8 @@ class WriteTracker:
     def _session_after_begin(
         self, session: Session, transaction: Any, connection: Connection
     ) -> None:
+        if session.info.get(CACHE_OWN_SESSION):
+            return  # the cache's own read beside the caller's session: it writes nothing
         db = self.db_for(connection)
         if db is None:
             return
