@@ -94,7 +94,7 @@ def test_listeners_after_the_current_one_are_listed_and_run_once(seen: Any) -> N
 
     def first(state: Any) -> Any:
         ran.append("first")
-        result, went_on = _sqla.run_listeners_after(state)
+        _, went_on = _sqla.run_listeners_after(state)
         assert went_on, "ORMExecuteState._starting_event_idx / _events_todo"
         return state.invoke_statement()
 
