@@ -7,6 +7,8 @@ without the hook itself being async; outside it (a sync `Session`), the blocking
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -31,3 +33,8 @@ def either(coroutine: Callable[[], Awaitable[T]], blocking: Callable[[], T]) -> 
         result: T = await_(coroutine())
         return result
     return blocking()
+
+
+def sleep(seconds: float) -> None:
+    """Pause this read: the event loop goes on inside the greenlet, a thread blocks outside."""
+    either(lambda: asyncio.sleep(seconds), lambda: time.sleep(seconds))

@@ -11,7 +11,6 @@ again: a slow reader can store a stale result, but nobody is ever served it.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -21,7 +20,7 @@ from typing import Any
 from sqlalchemy.engine import Result
 
 from . import _sqla
-from ._greenlet import await_, in_greenlet
+from ._greenlet import in_greenlet, sleep
 from .analysis import Plan
 from .backends.base import Fill
 from .decision import Decision, Fetched
@@ -329,10 +328,7 @@ class Filler:
         deadline = time.monotonic() + config.lock_timeout
         delay = 0.01
         while time.monotonic() < deadline:
-            if in_greenlet():
-                await_(asyncio.sleep(delay))
-            else:
-                time.sleep(delay)
+            sleep(delay)
             delay = min(delay * 1.5, 0.05)
             try:
                 found = self._valid_entry(decision, keys)

@@ -269,8 +269,7 @@ class RedisStore:
 
     def close(self) -> None:
         self._close_sync()
-        if in_greenlet():
-            await_(self.aclose())
+        either(self.aclose, lambda: None)
 
     async def aclose(self) -> None:
         self._close_sync()
