@@ -1,6 +1,6 @@
 """The exceptions sqlacache raises to its callers.
 
-Cache faults never reach application reads or commits (SPEC §4); these are for configuration mistakes
+Cache faults never reach application reads or commits; these are for configuration mistakes
 and for the explicit management calls (`invalidate`, `invalidate_all`) that must report an outage.
 """
 

@@ -1,4 +1,4 @@
-"""Stampede protection (SPEC F5): concurrent misses of one entry run one database query.
+"""Stampede protection: concurrent misses of one entry run one database query.
 
 In one process, the first miss of a (key, stamp) leads; identical misses wait for its snapshot
 instead of querying. Misses only join when they captured the same stamp, so a follower never takes a
