@@ -197,7 +197,7 @@ class MemoryStore:
 
     def _sweep(self, now: float) -> None:
         # Expired row versions, leases and locks are dropped every so often so that bookkeeping
-        # stays bounded by what is live (SPEC S3), without a background thread.
+        # stays bounded by what is live, without a background thread.
         self._writes += 1
         if self._writes % 1024:
             return
