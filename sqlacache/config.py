@@ -275,7 +275,9 @@ class CacheConfig(Mapping[str, Any]):
     def is_enabled(self, model: Any, op: str) -> bool:
         """Whether statements of `op` on `model` are cached by configuration."""
         if op not in OPS:
-            raise ConfigError(f"unknown op {op!r}{_did_you_mean(str(op), OPS)} (ops: {', '.join(OPS)})")
+            raise ConfigError(
+                f"unknown op {op!r}{_did_you_mean(str(op), OPS)} (ops: {', '.join(OPS)})"
+            )
         return self.policy_for(_mapper_of(model)).allows(op)
 
     # -- resolution -------------------------------------------------------------------------------
@@ -358,7 +360,9 @@ def warn_unmatched_patterns(module_entries: Mapping[str, Any]) -> list[str]:
     defined elsewhere): nothing it configures would ever be cached. Returns those patterns."""
     from sqlalchemy.orm.mapper import _mapper_registries
 
-    modules = {m.class_.__module__ for registry in list(_mapper_registries) for m in registry.mappers}
+    modules = {
+        m.class_.__module__ for registry in list(_mapper_registries) for m in registry.mappers
+    }
     unmatched = [f"{name}.*" for name in module_entries if name not in modules]
     for pattern in unmatched:
         logger.warning(
@@ -514,7 +518,7 @@ def parse_backend(backend: Any) -> BackendConfig:
             "or unix://)"
         )
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
-    for name, value in [*query.items(), *extra.items()]:
+    for name in [*query, *extra]:
         if name.lower() in FORBIDDEN_URL_OPTIONS:
             raise ConfigError(
                 f"backend option {name!r} is not allowed: {FORBIDDEN_URL_OPTIONS[name.lower()]}"
@@ -532,7 +536,9 @@ def _memory_backend(url: str, source: Any, options: Mapping[str, Any]) -> Backen
             try:
                 parsed[name] = MEMORY_URL_OPTIONS[name](value)
             except (TypeError, ValueError):
-                raise ConfigError(f"backend option {name!r} has an invalid value {value!r}") from None
+                raise ConfigError(
+                    f"backend option {name!r} has an invalid value {value!r}"
+                ) from None
         elif name in REDIS_OPTION_NAMES or name == "cluster":
             ignored.append(name)  # connection options mean nothing in process: as upstream does
         else:
@@ -640,7 +646,9 @@ def _redis_backend(
         if name in ("cluster", "ssl"):
             return
         if name.startswith("ssl_") and scheme != "rediss":
-            raise ConfigError(f"backend option {name!r} needs TLS: use rediss://... or add ssl=true")
+            raise ConfigError(
+                f"backend option {name!r} needs TLS: use rediss://... or add ssl=true"
+            )
         if name not in parsers:
             raise ConfigError(
                 f"unknown backend option {name!r} for {scheme}://{_did_you_mean(name, parsers)}"
@@ -794,6 +802,25 @@ def build_config(
 def _positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
+
+def pks_list(pks: Any) -> list[Any]:
+    """`invalidate()`'s `pks` as a list of keys: one scalar (`pks=42`, `pks="a"`) is one key;
+    a list, set or other iterable holds keys (scalars, or tuples in primary-key order)."""
+    if isinstance(pks, (str, bytes)) or not isinstance(pks, Iterable):
+        return [pks]
+    if isinstance(pks, Mapping):
+        raise ConfigError(f"pks must be a key, or a list of keys, not a mapping: {pks!r}")
+    return list(pks)
+
+
+def check_invalidate_all_call(pks: Any) -> None:
+    """`invalidate(None)` means `invalidate_all()`; rows without a model mean nothing."""
+    if pks is not None:
+        raise ConfigError(
+            f"invalidate(pks={pks!r}) needs the model or table the keys belong to: "
+            "invalidate(User, pks=[...]); invalidate() alone makes everything stale"
+        )
 
 
 def configure(*args: Any, **kwargs: Any) -> CacheManager:
