@@ -23,7 +23,7 @@ from sqlalchemy.pool import Pool
 
 from ._greenlet import greenlet_spawn
 from .analysis import MAPPERS
-from .config import CacheConfig, _import_class
+from .config import CacheConfig, _import_class, check_invalidate_all_call, pks_list
 from .database import Database, database_identity
 from .errors import CacheUnavailable, ConfigError, TransportError
 from .hooks import FORCE_OPTION, ReadPath
@@ -247,29 +247,56 @@ class CacheManager:
         return options
 
     async def invalidate(
-        self, target: Any, pks: Iterable[Any] | None = None, *, unknown_tables: bool = False
+        self,
+        model: Any = None,
+        pks: Iterable[Any] | Any = None,
+        *,
+        unknown_tables: bool = False,
     ) -> None:
-        """Make stale what reads `target` (a model, Table, dotted class path or table name).
+        """Make stale what reads `model` (a model, Table, dotted class path or table name).
 
-        With `pks`, those rows' `get` entries and every multi-row entry of the table; without,
-        the whole table. `pks=[]` does nothing. Raises `TransportError` if the backend is down
-        (the invalidation stays queued and is delivered when it answers). `unknown_tables=True`
-        accepts a table name no imported model maps (the command line uses it).
+        With `pks` (a list of scalars or of tuples in primary-key order, or one scalar), those
+        rows' `get` entries and every multi-row entry of the table; without, the whole table.
+        `pks=[]` does nothing; `invalidate()` and `invalidate(None)` are `invalidate_all()`, as
+        in upstream 0.1.x. Raises `TransportError` if the backend is down (the invalidation
+        stays queued and is delivered when it answers). `unknown_tables=True` accepts a table
+        name no imported model maps (the command line uses it).
         """
-        tables, rows = self._invalidation_targets(target, pks, unknown_tables)
+        if model is None:
+            check_invalidate_all_call(pks)
+            await self.invalidate_all()
+            return
+        tables, rows = self._invalidation_targets(model, pks, unknown_tables)
         if tables:
             await greenlet_spawn(self._deliver_invalidation, tables, rows)
 
     def invalidate_sync(
-        self, target: Any, pks: Iterable[Any] | None = None, *, unknown_tables: bool = False
+        self,
+        model: Any = None,
+        pks: Iterable[Any] | Any = None,
+        *,
+        unknown_tables: bool = False,
     ) -> None:
         """`invalidate()` from synchronous code."""
-        tables, rows = self._invalidation_targets(target, pks, unknown_tables)
+        if model is None:
+            check_invalidate_all_call(pks)
+            self.invalidate_all_sync()
+            return
+        tables, rows = self._invalidation_targets(model, pks, unknown_tables)
         if tables:
             self._deliver_invalidation(tables, rows)
 
+    def get_model_config(self, model: Any) -> dict[str, Any] | None:
+        """What the configuration says about a mapped class: {"ops", "timeout", "lock"}, or
+        None when it is not cached (as upstream 0.1.x). Resolves dotted paths (imports)."""
+        return self.config.model_config(model)
+
+    def is_enabled(self, model: Any, op: str) -> bool:
+        """Whether `op` ("get", "fetch", "count", "exists") is cached for `model`."""
+        return self.config.is_enabled(model, op)
+
     def _invalidation_targets(
-        self, target: Any, pks: Iterable[Any] | None, unknown_tables: bool
+        self, target: Any, pks: Iterable[Any] | Any, unknown_tables: bool
     ) -> tuple[list[Table | str], list[str] | None]:
         """The tables and row identities to invalidate; no tables when `pks` is empty."""
         try:
@@ -281,7 +308,7 @@ class CacheManager:
         rows: list[str] | None = None
         if pks is not None:
             try:
-                rows = [pk_text(pk if isinstance(pk, tuple) else (pk,)) for pk in pks]
+                rows = [pk_text(pk if isinstance(pk, tuple) else (pk,)) for pk in pks_list(pks)]
             except UnstableValue:
                 raise ConfigError(
                     f"pks must be scalars or tuples of scalars, got {pks!r}"
