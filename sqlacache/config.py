@@ -161,6 +161,12 @@ class BackendConfig:
     def is_memory(self) -> bool:
         return self.scheme == "mem"
 
+    @property
+    def display(self) -> str:
+        """The URL with its database number and without credentials, for messages."""
+        db = self.options.get("db")
+        return self.url if db is None or self.scheme == "unix" else f"{self.url}/{db}"
+
 
 @dataclass(frozen=True)
 class ModelPolicy:
