@@ -14,8 +14,10 @@ import datetime
 import decimal
 import difflib
 import importlib
+import itertools
 import json
 import os
+import re
 import sys
 import uuid
 from collections.abc import Sequence
@@ -45,7 +47,9 @@ examples:
 
 Options may come before or after the command. Primary keys are converted to the column's type when
 the models are known (--app, or a dotted model path that imports): --pk 007 stays "007" on a String
-column and becomes 7 on an Integer column; otherwise they are kept as given (strings).
+column and becomes 7 on an Integer column. Otherwise they are kept as given (strings), and a key
+written as an integer is invalidated as that integer too (the type is unknown; an extra key costs
+nothing, a missed one would leave the entry stale).
 
 environment:
 """
@@ -306,9 +310,15 @@ def _convert(text: str, column: Any) -> Any:
 
 
 def _parse_pks(texts: Sequence[str], columns: list[Any] | None) -> list[Any]:
+    """The keys named by `--pk`, typed by the primary-key columns when they are known.
+
+    Unknown columns: each key as given (strings), and, where a value is written as an integer,
+    also with that value as an int. The column might be either, and invalidating a key that does
+    not exist costs nothing, while missing the real one would leave the entry stale.
+    """
     keys: list[Any] = []
     for text in texts:
-        parts = text.split(",")
+        parts: list[Any] = text.split(",")
         if columns is not None:
             if len(parts) != len(columns):
                 names = ", ".join(c.name for c in columns)
@@ -316,8 +326,18 @@ def _parse_pks(texts: Sequence[str], columns: list[Any] | None) -> list[Any]:
                     f"--pk {text!r} has {len(parts)} value(s); the primary key is ({names})"
                 )
             parts = [_convert(part, column) for part, column in zip(parts, columns, strict=True)]
-        keys.append(parts[0] if len(parts) == 1 else tuple(parts))
+            variants = [parts]
+        else:
+            choices = [[p, int(p)] if _INTEGER.fullmatch(p) else [p] for p in parts]
+            variants = [list(combination) for combination in itertools.product(*choices)]
+        for variant in variants:
+            key = variant[0] if len(variant) == 1 else tuple(variant)
+            if key not in keys:
+                keys.append(key)
     return keys
+
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
 def _unknown(name: str, choices: Sequence[str], prefix: str) -> CommandError:
@@ -351,7 +371,8 @@ def _invalidate(args: argparse.Namespace, cache: Any, shared: _Redis) -> str:
         if args.target not in known and not args.force:
             raise _unknown(args.target, [*known, *_mapped_tables(), *_model_paths()], prefix)
         target, unknown_tables = args.target, True
-    pks = None if args.pk is None else _parse_pks(args.pk, _pk_columns(target))
+    columns = _pk_columns(target)
+    pks = None if args.pk is None else _parse_pks(args.pk, columns)
     try:
         cache.invalidate_sync(target, pks=pks, unknown_tables=unknown_tables)
     except TransportError as exc:
@@ -362,7 +383,13 @@ def _invalidate(args: argparse.Namespace, cache: Any, shared: _Redis) -> str:
         ) from None
     shared.check("the invalidation may be incomplete; run the command again")
     what = args.target if pks is None else f"{args.target} rows {pks!r}"
-    return f"invalidated {what} under prefix {prefix!r} ({len(databases)} database(s))"
+    note = (
+        " (column types unknown: integer-looking keys were invalidated as text and as integers;"
+        " --app makes this exact)"
+        if pks is not None and columns is None
+        else ""
+    )
+    return f"invalidated {what} under prefix {prefix!r} ({len(databases)} database(s)){note}"
 
 
 def _invalidate_all(cache: Any, shared: _Redis) -> str:
