@@ -713,7 +713,7 @@ def _redis_backend(
             IGNORED_REDIS_OPTIONS[name],
         )
     if scheme == "unix":
-        url = urlunsplit(("unix", "", path, "", ""))
+        url = "unix://" + path  # urlunsplit would drop the "//" redis-py requires
     else:
         netloc = parts.netloc.rpartition("@")[2]
         url = urlunsplit((scheme, netloc, "", "", ""))
