@@ -1,21 +1,31 @@
 # Every target creates or updates the local virtualenv itself: on a fresh machine
 # `make demo` and `make test` are the only set-up commands.
+# `make demo` installs only the package (SQLAlchemy, cashews): the demo runs on mem:// and the
+# standard library's sqlite3. The other targets install the dev toolchain on top (a second stamp).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+BASE := $(BIN)/python
+DEMO_STAMP := $(VENV)/.installed-demo
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test unit integration lint typecheck bench clean services-check
+.PHONY: venv demo test unit integration lint typecheck bench wheel-check clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(BASE):
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	touch $(STAMP)
 
-demo: venv
+$(DEMO_STAMP): pyproject.toml | $(BASE)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e .
+	touch $(DEMO_STAMP)
+
+$(STAMP): pyproject.toml | $(BASE)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP) $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(BIN)/python -m sqlacache demo
 
 test: venv
@@ -37,5 +47,10 @@ typecheck: venv
 bench: venv
 	$(BIN)/python bench/run.py
 
+# Build the wheel and install it into bare virtualenvs (without and with the redis extra): the
+# imports, the extras' error messages and the demo must work from the wheel alone.
+wheel-check: venv
+	PYTHON=$(PYTHON) .ci/wheel-check
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

@@ -1,7 +1,21 @@
 """A FastAPI service with sqlacache: `uvicorn examples.fastapi_app:app --workers 4`.
 
-Needs `pip install fastapi uvicorn` and the services of docker-compose.yml. Every worker shares the
-Redis cache; a commit in one worker makes the next read fresh in all of them.
+Install: `pip install "sqlacache[examples]"` (FastAPI, uvicorn, asyncpg, redis-py); start PostgreSQL
+and Redis with `docker compose up -d`. Every worker shares the Redis cache; a commit in one worker
+makes the next read fresh in all of them.
+
+Environment:
+  DATABASE_URL  SQLAlchemy async URL (default postgresql+asyncpg://postgres@localhost/test)
+  CACHE_URL     sqlacache backend (default redis://localhost:6379/1; mem:// for one process)
+
+Routes (the table is created, and seeded with users 1-3, at start-up if it is empty):
+  GET  /users/{user_id}                 one user (a `get`: cached after the first request)
+  GET  /users                           active users (a `fetch`: cached)
+  GET  /stats                           user count (a `count`: cached) and this worker's counters
+  POST /users/{user_id}/rename/{name}   create or rename a user; the commit evicts what it staled
+
+    curl localhost:8000/users/1; curl localhost:8000/users/1      # the second: no SQL
+    curl -X POST localhost:8000/users/1/rename/ada; curl localhost:8000/users/1
 """
 
 from __future__ import annotations
@@ -30,7 +44,11 @@ class User(Base):
     active: Mapped[bool] = mapped_column(default=True)
 
 
-engine = create_async_engine(os.environ.get("DATABASE_URL", "postgresql+asyncpg://postgres@localhost/test"))
+SEED = [(1, "ada"), (2, "grace"), (3, "linus")]
+
+engine = create_async_engine(
+    os.environ.get("DATABASE_URL", "postgresql+asyncpg://postgres@localhost/test")
+)
 session_maker = async_sessionmaker(engine, expire_on_commit=False)
 cache = configure(
     backend=os.environ.get("CACHE_URL", "redis://localhost:6379/1"),
@@ -43,9 +61,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     async with engine.begin() as conn:
         await conn.run_sync(Base.metadata.create_all)
     await cache.bind(engine)
+    await seed()
     yield
     await cache.disconnect()
     await engine.dispose()
+
+
+async def seed() -> None:
+    """Users 1-3, if the table is empty (so the routes have something to show)."""
+    async with session_maker() as session:
+        if not await session.scalar(select(func.count()).select_from(User)):
+            session.add_all([User(id=pk, name=name) for pk, name in SEED])
+            await session.commit()
 
 
 app = FastAPI(lifespan=lifespan)

@@ -8,20 +8,25 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Mapper
 
 from .errors import ConfigError
 
+if TYPE_CHECKING:
+    from .manager import CacheManager
+
 OPS = ("get", "fetch", "count", "exists")
 MODEL_OPTIONS = ("ops", "timeout", "lock")
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]+")
+logger = logging.getLogger("sqlacache")
 
 #: Upstream's serializer names that select our safe, non-executable format.
 SAFE_SERIALIZERS = frozenset({"sqlalchemy", "json", "null", "safe"})
@@ -29,30 +34,74 @@ SAFE_SERIALIZERS = frozenset({"sqlalchemy", "json", "null", "safe"})
 PICKLE_SERIALIZERS = frozenset({"default", "pickle", "dill"})
 COMPRESSIONS = frozenset({"gzip", "zlib"})
 
-#: URL options that would silently break failure handling or payload safety.
+#: Backend options refused, each with the reason: they would break failure handling, payload safety
+#: or invalidation.
 FORBIDDEN_URL_OPTIONS = {
     "pickle_type": "sqlacache serializes results itself; use configure(serializer=...)",
-    "suppress": "sqlacache handles Redis errors itself (circuit breaker, SPEC §4)",
+    "suppress": "sqlacache handles Redis errors itself: a failed command falls back to the database",
     "client_side": "cashews' client-side cache loses invalidations; it is not supported",
     "digestmod": "payloads are authenticated with HMAC-SHA256; the digest is not configurable",
+    "decode_responses": "entries are read as raw bytes (signed payloads); decoding would corrupt them",
+    "retry": (
+        "sqlacache never retries a Redis command: a failure falls back to the database at once, and "
+        "a retry would multiply the per-operation time bound"
+    ),
+    "cache": "redis-py's client-side cache would serve entries that invalidations no longer reach",
+    "cache_config": "redis-py's client-side cache would serve entries that invalidations no longer reach",
+    "cache_factory": "redis-py's client-side cache would serve entries that invalidations no longer reach",
+    "connection_pool": "sqlacache builds its own pools (bounded, no retries); pass options instead",
+    "single_connection_client": "sqlacache builds its own pools (bounded, no retries); pass options instead",
 }
-#: URL options passed on to redis-py.
-REDIS_URL_OPTIONS = {
-    "socket_timeout": float,
-    "socket_connect_timeout": float,
-    "max_connections": int,
-    "pool_timeout": float,
-    "health_check_interval": float,
-    "client_name": str,
-    "protocol": int,
-    "ssl_cert_reqs": str,
-    "ssl_ca_certs": str,
-    "ssl_certfile": str,
-    "ssl_keyfile": str,
-    "ssl_check_hostname": lambda v: str(v).lower() in ("1", "true", "yes"),
+#: Accepted for compatibility, and ignored: sqlacache never retries (see "retry" above). A warning
+#: says so at configure().
+IGNORED_REDIS_OPTIONS = {
+    "retry_on_timeout": FORBIDDEN_URL_OPTIONS["retry"],
+    "retry_on_error": FORBIDDEN_URL_OPTIONS["retry"],
 }
+#: Options that only one of redis-py's two clients understands: sqlacache uses both (asyncio for
+#: AsyncSession, sync for Session), so they would fail on the first connection of the other one.
+ONE_CLIENT_ONLY = "redis.asyncio does not support it, and sqlacache uses both redis-py clients"
+#: Parts of the URL itself, not options.
+URL_PARTS = frozenset({"host", "port", "path"})
+#: redis-py internals that are not connection options a user sets.
+REDIS_INTERNALS = frozenset(
+    {
+        "event_dispatcher",
+        "himport_registry",
+        "orig_host_address",
+        "orig_socket_connect_timeout",
+        "orig_socket_timeout",
+        "maint_notifications_config",
+        "maint_notifications_pool_handler",
+        "maintenance_notification_hash",
+        "maintenance_state",
+        "oss_cluster_maint_notifications_handler",
+        "command_packer",
+        "encoder_class",
+        "parser",
+    }
+)
+#: Every redis-py (>= 5) connection and pool option name: on mem:// they are accepted and ignored,
+#: so a configuration moves between backends unchanged. (redis:// reads the installed redis-py.)
+REDIS_OPTION_NAMES = frozenset(
+    {
+        "db", "username", "password", "credential_provider", "client_name", "lib_name",
+        "lib_version", "driver_info", "encoding", "encoding_errors", "socket_timeout",
+        "socket_connect_timeout", "socket_keepalive", "socket_keepalive_options", "socket_type",
+        "socket_read_size", "retry_on_timeout", "retry_on_error", "health_check_interval",
+        "max_connections", "timeout", "pool_timeout", "protocol", "legacy_responses",
+        "parser_class", "redis_connect_func", "connection_class", "ssl", "ssl_keyfile",
+        "ssl_certfile", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_data", "ssl_ca_path",
+        "ssl_check_hostname", "ssl_password", "ssl_min_version", "ssl_ciphers",
+        "ssl_include_verify_flags", "ssl_exclude_verify_flags", "ssl_validate_ocsp",
+        "ssl_validate_ocsp_stapled", "ssl_ocsp_context", "ssl_ocsp_expected_cert",
+    }
+)  # fmt: skip
+#: Options sqlacache itself reads on redis:// (the store's pool wait).
+OWN_REDIS_OPTIONS = {"pool_timeout": float}
 #: URL options understood by the in-process store.
 MEMORY_URL_OPTIONS = {"size": int, "max_bytes": int, "check_interval": float}
+REDIS_EXTRA_HINT = 'pip install "sqlacache[redis]"'
 
 DEFAULT_VOLATILE_FUNCTIONS = frozenset(
     {
@@ -103,10 +152,20 @@ class BackendConfig:
     scheme: str
     url: str
     options: Mapping[str, Any]
+    #: what configure() was given (a URL or upstream's mapping), for `cache.config["backend"]`
+    source: Any = field(default=None, repr=False)
+    #: options accepted for compatibility that have no effect (documented)
+    ignored: tuple[str, ...] = ()
 
     @property
     def is_memory(self) -> bool:
         return self.scheme == "mem"
+
+    @property
+    def display(self) -> str:
+        """The URL with its database number and without credentials, for messages."""
+        db = self.options.get("db")
+        return self.url if db is None or self.scheme == "unix" else f"{self.url}/{db}"
 
 
 @dataclass(frozen=True)
@@ -125,9 +184,38 @@ class ModelPolicy:
 DISABLED = ModelPolicy(enabled=False, ops=frozenset(), timeout=1)
 
 
-@dataclass
-class CacheConfig:
-    """Validated configuration. Built by `configure()`; immutable in practice once bound."""
+#: The keys of `cache.config` read as a mapping, as upstream 0.1.x's dict had them (first), then the
+#: rest of `configure()`'s arguments.
+CONFIG_KEYS = (
+    "backend",
+    "models",
+    "wildcard",
+    "serializer",
+    "prefix",
+    "default_timeout",
+    "compress",
+    "secret",
+    "volatile_functions",
+    "key_context",
+    "operation_timeout",
+    "breaker_threshold",
+    "breaker_probe_interval",
+    "lease_timeout",
+    "lock_timeout",
+    "max_rows",
+    "max_bytes",
+)
+
+
+@dataclass(eq=False)
+class CacheConfig(Mapping[str, Any]):
+    """Validated configuration. Built by `configure()`; immutable in practice once bound.
+
+    Read by attribute (`config.prefix`) or, as upstream 0.1.x's dict was, by key
+    (`config["prefix"]`, `["models"]`, `["default_timeout"]`, `["backend"]`, ...).
+    `config["backend"]` is what `configure()` was given (a URL or a mapping with "url");
+    `config.backend` the parsed form.
+    """
 
     backend: BackendConfig
     models: Mapping[Any, Mapping[str, Any] | None]
@@ -161,6 +249,43 @@ class CacheConfig:
                 timeouts.append(int(entry["timeout"]))
         return max(timeouts)
 
+    # -- upstream's dict view -------------------------------------------------------------------
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "backend":
+            source = self.backend.source
+            return dict(source) if isinstance(source, Mapping) else source
+        if key == "models":
+            return dict(self.models)
+        if key == "wildcard":
+            return self.models.get("*")
+        if key in CONFIG_KEYS:
+            return getattr(self, key)
+        raise KeyError(key)
+
+    def __iter__(self) -> Any:
+        return iter(CONFIG_KEYS)
+
+    def __len__(self) -> int:
+        return len(CONFIG_KEYS)
+
+    # -- per model (upstream's get_model_config / is_enabled) -----------------------------------
+
+    def model_config(self, model: Any) -> dict[str, Any] | None:
+        """What applies to a mapped class: {"ops", "timeout", "lock"}, or None if not cached."""
+        policy = self.policy_for(_mapper_of(model))
+        if not policy.enabled:
+            return None
+        return {"ops": policy.ops, "timeout": policy.timeout, "lock": policy.lock}
+
+    def is_enabled(self, model: Any, op: str) -> bool:
+        """Whether statements of `op` on `model` are cached by configuration."""
+        if op not in OPS:
+            raise ConfigError(
+                f"unknown op {op!r}{_did_you_mean(str(op), OPS)} (ops: {', '.join(OPS)})"
+            )
+        return self.policy_for(_mapper_of(model)).allows(op)
+
     # -- resolution -------------------------------------------------------------------------------
 
     def resolve_imports(self) -> None:
@@ -185,6 +310,7 @@ class CacheConfig:
         self._module_entries = module_entries
         self._star = star
         self._imports_checked = True
+        warn_unmatched_patterns(module_entries)
 
     def policy_for(self, mapper: Mapper[Any]) -> ModelPolicy:
         """The policy of a mapped class, memoised: most specific entry first, field by field."""
@@ -223,6 +349,34 @@ class CacheConfig:
 
 
 _ABSENT = object()
+
+
+def _mapper_of(model: Any) -> Mapper[Any]:
+    if isinstance(model, Mapper):
+        return model
+    info: Any = sa_inspect(model, raiseerr=False) if isinstance(model, type) else None
+    mapper = getattr(info, "mapper", None)
+    if not isinstance(mapper, Mapper):
+        raise ConfigError(f"{model!r} is not a mapped class")
+    return mapper
+
+
+def warn_unmatched_patterns(module_entries: Mapping[str, Any]) -> list[str]:
+    """Log a WARNING for each `module.*` pattern whose module maps no class (a typo, or models
+    defined elsewhere): nothing it configures would ever be cached. Returns those patterns."""
+    from sqlalchemy.orm.mapper import _mapper_registries
+
+    modules = {
+        m.class_.__module__ for registry in list(_mapper_registries) for m in registry.mappers
+    }
+    unmatched = [f"{name}.*" for name in module_entries if name not in modules]
+    for pattern in unmatched:
+        logger.warning(
+            "sqlacache: models pattern %r matches no mapped class (mapped classes are defined in "
+            "the module itself, not its submodules or where they are imported)",
+            pattern,
+        )
+    return unmatched
 
 
 def _nearest_class_entry(mapper: Mapper[Any], entries: Mapping[type, Any]) -> object:
@@ -344,12 +498,19 @@ def _validate_model_key(key: Any) -> None:
 
 
 def parse_backend(backend: Any) -> BackendConfig:
-    """Validate a backend URL (or upstream's mapping with a "url" key) and split off its options."""
+    """Validate a backend URL (or upstream's mapping with a "url" key) and split off its options.
+
+    On redis://, rediss:// and unix:// every redis-py connection option is accepted, from the URL
+    query or the mapping, typed as redis-py types it; `db`, `username` and `password` move from the
+    URL into the options so that nothing in the URL can silently override the mapping. On mem://
+    redis-py's options are accepted and ignored. Refused: what `FORBIDDEN_URL_OPTIONS` lists.
+    """
     extra: dict[str, Any] = {}
+    source = backend
     if isinstance(backend, Mapping):
         if not backend.get("url"):
             raise ConfigError("backend mapping needs a non-empty 'url'")
-        extra = {k: v for k, v in backend.items() if k != "url"}
+        extra = {str(k): v for k, v in backend.items() if k != "url"}
         backend = backend["url"]
     if not isinstance(backend, str) or "://" not in backend:
         raise ConfigError(
@@ -357,33 +518,206 @@ def parse_backend(backend: Any) -> BackendConfig:
         )
     parts = urlsplit(backend)
     scheme = parts.scheme.lower()
-    if scheme not in ("mem", "redis", "rediss"):
+    if scheme not in ("mem", "redis", "rediss", "unix"):
         raise ConfigError(
-            f"unknown backend scheme {scheme!r} in {backend!r} (use mem://, redis:// or rediss://)"
+            f"unknown backend scheme {scheme!r} in {backend!r} (use mem://, redis://, rediss:// "
+            "or unix://)"
         )
-    options: dict[str, Any] = dict(parse_qsl(parts.query))
-    options.update(extra)
-    allowed = MEMORY_URL_OPTIONS if scheme == "mem" else {**REDIS_URL_OPTIONS, "cluster": str}
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    for name in [*query, *extra]:
+        if name.lower() in FORBIDDEN_URL_OPTIONS:
+            raise ConfigError(
+                f"backend option {name!r} is not allowed: {FORBIDDEN_URL_OPTIONS[name.lower()]}"
+            )
+    if scheme == "mem":
+        return _memory_backend(backend, source, {**query, **extra})
+    return _redis_backend(parts, source, query, extra)
+
+
+def _memory_backend(url: str, source: Any, options: Mapping[str, Any]) -> BackendConfig:
     parsed: dict[str, Any] = {}
+    ignored: list[str] = []
     for name, value in options.items():
-        lname = name.lower()
-        if lname in FORBIDDEN_URL_OPTIONS:
+        if name in MEMORY_URL_OPTIONS:
+            try:
+                parsed[name] = MEMORY_URL_OPTIONS[name](value)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"backend option {name!r} has an invalid value {value!r}"
+                ) from None
+        elif name in REDIS_OPTION_NAMES or name == "cluster":
+            ignored.append(name)  # connection options mean nothing in process: as upstream does
+        else:
+            known = (*MEMORY_URL_OPTIONS, *REDIS_OPTION_NAMES)
             raise ConfigError(
-                f"backend option {name!r} is not allowed: {FORBIDDEN_URL_OPTIONS[lname]}"
+                f"unknown backend option {name!r} for mem://{_did_you_mean(name, known)}"
+                f" (mem:// options: {', '.join(MEMORY_URL_OPTIONS)}; Redis connection options are "
+                "accepted and ignored)"
             )
-        if lname not in allowed:
+    return BackendConfig(
+        scheme="mem",
+        url="mem://",
+        options=parsed,
+        source=source,
+        ignored=tuple(ignored),
+    )
+
+
+def _redis_module() -> Any:
+    """redis-py's connection module, or a `ConfigError` naming the extra that installs it."""
+    try:
+        import redis.connection
+    except ImportError:
+        raise ConfigError(
+            f"a Redis backend needs redis-py, which is not installed: {REDIS_EXTRA_HINT}"
+        ) from None
+    return redis.connection
+
+
+def redis_option_parsers(scheme: str) -> dict[str, Callable[[Any], Any] | None]:
+    """Every option redis-py accepts for this scheme's connections and pools, with the function
+    that types a string value (None: kept as given), read from the installed redis-py."""
+    import inspect
+
+    sync = _redis_module()
+    import redis.asyncio.connection as aio
+
+    cls_name = {"rediss": "SSLConnection", "unix": "UnixDomainSocketConnection"}.get(
+        scheme, "Connection"
+    )
+
+    def params(cls: type) -> dict[str, inspect.Parameter]:
+        found: dict[str, inspect.Parameter] = {}
+        for klass in reversed(cls.__mro__):
+            init = vars(klass).get("__init__")
+            if init is None:
+                continue
+            for name, param in inspect.signature(init).parameters.items():
+                if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+                    found[name] = param
+        found.pop("self", None)
+        return found
+
+    both = params(getattr(sync, cls_name))
+    async_names = set(params(getattr(aio, cls_name))) | set(params(aio.ConnectionPool))
+    both.update(params(sync.ConnectionPool))
+    url_parsers: Mapping[str, Callable[[Any], Any]] = sync.URL_QUERY_ARGUMENT_PARSERS
+    to_bool = sync.to_bool
+    parsers: dict[str, Callable[[Any], Any] | None] = {}
+    for name, param in both.items():
+        if name in URL_PARTS or name in REDIS_INTERNALS:
+            continue
+        if name not in async_names:
+            parsers[name] = _one_client_only
+            continue
+        default = param.default
+        if name in url_parsers:
+            parsers[name] = url_parsers[name]
+        elif isinstance(default, bool):
+            parsers[name] = to_bool
+        elif isinstance(default, (int, float)):
+            parsers[name] = type(default)
+        else:
+            parsers[name] = None
+    parsers["timeout"] = url_parsers.get("timeout", float)  # BlockingConnectionPool's wait
+    parsers.update(OWN_REDIS_OPTIONS)
+    parsers["ssl"] = to_bool
+    return parsers
+
+
+def _one_client_only(value: Any) -> Any:
+    raise _Refused(ONE_CLIENT_ONLY)
+
+
+class _Refused(Exception):
+    pass
+
+
+def _redis_backend(
+    parts: Any, source: Any, query: Mapping[str, str], extra: Mapping[str, Any]
+) -> BackendConfig:
+    given_scheme = parts.scheme.lower()
+    ssl_given = query.get("ssl", extra.get("ssl"))
+    ssl = _redis_module().to_bool(ssl_given) if isinstance(ssl_given, str) else ssl_given
+    if ssl and given_scheme == "unix":
+        raise ConfigError("backend option 'ssl' does not apply to unix:// sockets")
+    if ssl is False and given_scheme == "rediss":
+        raise ConfigError("backend option ssl=false contradicts the rediss:// scheme")
+    scheme = "rediss" if ssl and given_scheme == "redis" else given_scheme
+    parsers = redis_option_parsers(scheme)
+    options: dict[str, Any] = {}
+    cluster = query.get("cluster", extra.get("cluster"))
+
+    def take(name: str, value: Any, from_url: bool) -> None:
+        if name in ("cluster", "ssl"):
+            return
+        if name.startswith("ssl_") and scheme != "rediss":
             raise ConfigError(
-                f"unknown backend option {name!r} for {scheme}://{_did_you_mean(lname, allowed)}"
+                f"backend option {name!r} needs TLS: use rediss://... or add ssl=true"
             )
+        if name not in parsers:
+            raise ConfigError(
+                f"unknown backend option {name!r} for {scheme}://{_did_you_mean(name, parsers)}"
+                " (redis-py connection options are accepted)"
+            )
+        parser = parsers[name]
         try:
-            parsed[lname] = allowed[lname](value)  # type: ignore[operator]
+            if parser is not None and (from_url or isinstance(value, str)):
+                value = parser(value)
+        except _Refused as exc:
+            raise ConfigError(f"backend option {name!r} is not supported: {exc}") from None
         except (TypeError, ValueError):
             raise ConfigError(f"backend option {name!r} has an invalid value {value!r}") from None
-    if str(parsed.get("cluster", "")).lower() in ("1", "true", "yes"):
+        if name in options and options[name] != value:
+            raise ConfigError(
+                f"backend option {name!r} is given twice with different values "
+                f"({options[name]!r} and {value!r}): keep one"
+            )
+        options[name] = value
+
+    # The URL's own parts first, then its query, then the mapping: a conflict is an error rather
+    # than redis-py's silent "the URL wins".
+    if parts.username:
+        take("username", unquote(parts.username), False)
+    if parts.password:
+        take("password", unquote(parts.password), False)
+    path = unquote(parts.path or "")
+    if scheme != "unix" and path.strip("/") and "db" not in query:
+        try:
+            take("db", int(path.strip("/")), False)
+        except ValueError:
+            raise ConfigError(
+                f"the path of {scheme}:// names the database number, got {path!r}"
+            ) from None
+    for name, value in query.items():
+        take(name, value, True)
+    for name, value in extra.items():
+        take(name, value, False)
+    if str(cluster or "").lower() in ("1", "true", "yes"):
         raise ConfigError("Redis Cluster URLs are not supported by this version of sqlacache yet")
-    parsed.pop("cluster", None)
-    base = parts._replace(query="").geturl()
-    return BackendConfig(scheme=scheme, url=base, options=parsed)
+    if "timeout" in options:  # redis-py's name for the pool wait
+        options.setdefault("pool_timeout", options.pop("timeout"))
+    for name in ("socket_timeout", "socket_connect_timeout", "pool_timeout"):
+        value = options.get(name, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(
+                f"backend option {name!r} must be a positive number of seconds, got {value!r}: "
+                "every Redis operation is bounded so that a slow Redis cannot stall requests"
+            )
+    ignored = tuple(name for name in IGNORED_REDIS_OPTIONS if name in options)
+    for name in ignored:
+        options.pop(name)
+        logger.warning(
+            "sqlacache: backend option %r is accepted and has no effect: %s",
+            name,
+            IGNORED_REDIS_OPTIONS[name],
+        )
+    if scheme == "unix":
+        url = "unix://" + path  # urlunsplit would drop the "//" redis-py requires
+    else:
+        netloc = parts.netloc.rpartition("@")[2]
+        url = urlunsplit((scheme, netloc, "", "", ""))
+    return BackendConfig(scheme=scheme, url=url, options=options, source=source, ignored=ignored)
 
 
 def build_config(
@@ -474,3 +808,29 @@ def build_config(
 def _positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
+
+def pks_list(pks: Any) -> list[Any]:
+    """`invalidate()`'s `pks` as a list of keys: one scalar (`pks=42`, `pks="a"`) is one key;
+    a list, set or other iterable holds keys (scalars, or tuples in primary-key order)."""
+    if isinstance(pks, (str, bytes)) or not isinstance(pks, Iterable):
+        return [pks]
+    if isinstance(pks, Mapping):
+        raise ConfigError(f"pks must be a key, or a list of keys, not a mapping: {pks!r}")
+    return list(pks)
+
+
+def check_invalidate_all_call(pks: Any) -> None:
+    """`invalidate(None)` means `invalidate_all()`; rows without a model mean nothing."""
+    if pks is not None:
+        raise ConfigError(
+            f"invalidate(pks={pks!r}) needs the model or table the keys belong to: "
+            "invalidate(User, pks=[...]); invalidate() alone makes everything stale"
+        )
+
+
+def configure(*args: Any, **kwargs: Any) -> CacheManager:
+    """`sqlacache.configure`, at upstream 0.1.x's import path `sqlacache.config.configure`."""
+    from . import configure as configure_  # the package imports this module
+
+    return configure_(*args, **kwargs)

@@ -1,21 +1,28 @@
 """`python -m sqlacache demo`: the cache at work on mem:// and SQLite, no services needed.
 
 Creates a small schema, reads the same rows twice, updates one, reads again, and prints what was a
-hit, a miss and an invalidation, with timings and SQL statement counts.
+hit, a miss and an invalidation, with timings and SQL statement counts. It uses a sync `Session` on
+the standard library's sqlite3, so a plain `pip install sqlacache` runs it (no async driver).
 """
 
 from __future__ import annotations
 
-import asyncio
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ForeignKey, String, event, func, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, selectinload
+from sqlalchemy import ForeignKey, String, create_engine, event, func, select
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    selectinload,
+    sessionmaker,
+)
 
 
 class DemoBase(DeclarativeBase):
@@ -37,21 +44,20 @@ class Post(DemoBase):
     author: Mapped[Author] = relationship(back_populates="posts")
 
 
-async def run_demo(out: Callable[[str], Any] = print) -> list[tuple[str, str, int, float, str]]:
+def run_demo(out: Callable[[str], Any] = print) -> list[tuple[str, str, int, float, str]]:
     """Run the scenario; return its rows (step, outcome, SQL statements, µs, value)."""
     from . import configure
 
     with tempfile.TemporaryDirectory() as folder:
-        engine = create_async_engine(f"sqlite+aiosqlite:///{Path(folder) / 'demo.sqlite'}")
-        async with engine.begin() as conn:
-            await conn.run_sync(DemoBase.metadata.create_all)
-        sessions = async_sessionmaker(engine, expire_on_commit=False)
-        async with sessions() as session:
+        engine = create_engine(f"sqlite:///{Path(folder) / 'demo.sqlite'}")
+        DemoBase.metadata.create_all(engine)
+        sessions = sessionmaker(engine, expire_on_commit=False)
+        with sessions() as session:
             session.add_all([Author(id=i, name=f"author {i}") for i in range(1, 4)])
             session.add_all(
                 [Post(id=i, author_id=1 + i % 3, title=f"post {i}") for i in range(1, 7)]
             )
-            await session.commit()
+            session.commit()
 
         outcomes: list[str] = []
         cache = configure(
@@ -61,63 +67,61 @@ async def run_demo(out: Callable[[str], Any] = print) -> list[tuple[str, str, in
             on_miss=lambda model, op: outcomes.append("miss"),
             on_invalidate=lambda table, pks: outcomes.append(f"invalidated {table}"),
         )
-        await cache.bind(engine)
+        cache.bind_sync(engine)
         statements: list[str] = []
-        event.listen(
-            engine.sync_engine, "before_cursor_execute", lambda *a: statements.append(a[2])
-        )
+        event.listen(engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
 
         rows: list[tuple[str, str, int, float, str]] = []
 
-        async def step(label: str, action: Callable[[AsyncSession], Awaitable[str]]) -> None:
+        def step(label: str, action: Callable[[Session], str]) -> None:
             outcomes.clear()
             statements.clear()
             start = time.perf_counter()
-            async with sessions() as session:
-                value = await action(session)
+            with sessions() as session:
+                value = action(session)
             elapsed = (time.perf_counter() - start) * 1e6
             outcome = ", ".join(dict.fromkeys(outcomes)) or "-"
             rows.append((label, outcome, len(statements), elapsed, value))
 
-        async def get_author(session: AsyncSession) -> str:
-            author = await session.get(Author, 1)
+        def get_author(session: Session) -> str:
+            author = session.get(Author, 1)
             return author.name if author else "None"
 
-        async def list_posts(session: AsyncSession) -> str:
+        def list_posts(session: Session) -> str:
             stmt = select(Author).options(selectinload(Author.posts)).order_by(Author.id)
-            authors = (await session.execute(stmt)).scalars().all()
+            authors = session.execute(stmt).scalars().all()
             return "; ".join(f"{a.name}: {len(a.posts)} posts" for a in authors)
 
-        async def count_posts(session: AsyncSession) -> str:
-            return str(await session.scalar(select(func.count()).select_from(Post)))
+        def count_posts(session: Session) -> str:
+            return str(session.scalar(select(func.count()).select_from(Post)))
 
-        async def rename(session: AsyncSession) -> str:
-            author = await session.get(Author, 1)
+        def rename(session: Session) -> str:
+            author = session.get(Author, 1)
             assert author is not None
             author.name = "Alice"
-            await session.commit()
+            session.commit()
             return "author 1 -> Alice"
 
-        async def new_post(session: AsyncSession) -> str:
+        def new_post(session: Session) -> str:
             session.add(Post(id=7, author_id=2, title="fresh"))
-            await session.commit()
+            session.commit()
             return "post 7 added"
 
-        await step("get(Author, 1)", get_author)
-        await step("get(Author, 1) again", get_author)
-        await step("authors + selectinload(posts)", list_posts)
-        await step("authors + posts again", list_posts)
-        await step("count(posts)", count_posts)
-        await step("count(posts) again", count_posts)
-        await step("update author 1, commit", rename)
-        await step("get(Author, 1) after commit", get_author)
-        await step("get(Author, 1) again", get_author)
-        await step("insert a post, commit", new_post)
-        await step("count(posts) after insert", count_posts)
-        await step("authors + posts after insert", list_posts)
+        step("get(Author, 1)", get_author)
+        step("get(Author, 1) again", get_author)
+        step("authors + selectinload(posts)", list_posts)
+        step("authors + posts again", list_posts)
+        step("count(posts)", count_posts)
+        step("count(posts) again", count_posts)
+        step("update author 1, commit", rename)
+        step("get(Author, 1) after commit", get_author)
+        step("get(Author, 1) again", get_author)
+        step("insert a post, commit", new_post)
+        step("count(posts) after insert", count_posts)
+        step("authors + posts after insert", list_posts)
 
-        await cache.disconnect()
-        await engine.dispose()
+        cache.disconnect_sync()
+        engine.dispose()
 
     out(_table(rows))
     totals: dict[str, int] = {}
@@ -146,4 +150,4 @@ def _table(rows: list[tuple[str, str, int, float, str]]) -> str:
 
 
 def main() -> None:
-    asyncio.run(run_demo())
+    run_demo()

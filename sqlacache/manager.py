@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from ._greenlet import greenlet_spawn
 from .binding import Bound
-from .config import CacheConfig
+from .config import CacheConfig, check_invalidate_all_call, pks_list
 from .database import Database, database_identity
 from .decision import FORCE_OPTION
 from .errors import CacheUnavailable, ConfigError, TransportError
@@ -181,26 +181,45 @@ class CacheManager:
         return options
 
     async def invalidate(
-        self, target: Any, pks: Iterable[Any] | None = None, *, unknown_tables: bool = False
+        self, model: Any = None, pks: Iterable[Any] | Any = None, *, unknown_tables: bool = False
     ) -> None:
-        """Make stale what reads `target` (a model, Table, dotted class path or table name).
+        """Make stale what reads `model` (a model, Table, dotted class path or table name).
 
-        With `pks`, those rows' `get` entries and every multi-row entry of the table; without,
-        the whole table. `pks=[]` does nothing. Raises `TransportError` if the backend is down
-        (the invalidation stays queued and is delivered when it answers). `unknown_tables=True`
-        accepts a table name no imported model maps (the command line uses it).
+        With `pks` (a list of scalars or of tuples in primary-key order, or one scalar), those
+        rows' `get` entries and every multi-row entry of the table; without, the whole table.
+        `pks=[]` does nothing; `invalidate()` and `invalidate(None)` are `invalidate_all()`, as
+        in upstream 0.1.x. Raises `TransportError` if the backend is down (the invalidation
+        stays queued and is delivered when it answers). `unknown_tables=True` accepts a table
+        name no imported model maps (the command line uses it).
         """
-        tables, rows = invalidation_targets(target, pks, unknown_tables)
+        if model is None:
+            check_invalidate_all_call(pks)
+            await self.invalidate_all()
+            return
+        tables, rows = invalidation_targets(model, None if pks is None else pks_list(pks), unknown_tables)
         if tables:
             await greenlet_spawn(self._deliver_invalidation, tables, rows)
 
     def invalidate_sync(
-        self, target: Any, pks: Iterable[Any] | None = None, *, unknown_tables: bool = False
+        self, model: Any = None, pks: Iterable[Any] | Any = None, *, unknown_tables: bool = False
     ) -> None:
         """`invalidate()` from synchronous code."""
-        tables, rows = invalidation_targets(target, pks, unknown_tables)
+        if model is None:
+            check_invalidate_all_call(pks)
+            self.invalidate_all_sync()
+            return
+        tables, rows = invalidation_targets(model, None if pks is None else pks_list(pks), unknown_tables)
         if tables:
             self._deliver_invalidation(tables, rows)
+
+    def get_model_config(self, model: Any) -> dict[str, Any] | None:
+        """What the configuration says about a mapped class: {"ops", "timeout", "lock"}, or
+        None when it is not cached (as upstream 0.1.x). Resolves dotted paths (imports)."""
+        return self.config.model_config(model)
+
+    def is_enabled(self, model: Any, op: str) -> bool:
+        """Whether `op` ("get", "fetch", "count", "exists") is cached for `model`."""
+        return self.config.is_enabled(model, op)
 
     def _deliver_invalidation(self, tables: list[Any], rows: list[str] | None) -> None:
         bound = self._parts()
@@ -244,10 +263,14 @@ class CacheManager:
 
     async def namespace_stats(self) -> dict[str, Any]:
         """What the backend holds under this prefix (for operators; scans the keyspace)."""
+        return await greenlet_spawn(self.namespace_stats_sync)
+
+    def namespace_stats_sync(self) -> dict[str, Any]:
+        """`namespace_stats()` from synchronous code (the command line)."""
         store = self._parts().runtime.store
         try:
-            return await greenlet_spawn(
-                namespace_stats, store, self.namespace, self.config.prefix, self.config.backend.url
+            return namespace_stats(
+                store, self.namespace, self.config.prefix, self.config.backend.display
             )
         except CacheUnavailable as exc:
             raise TransportError(f"cache backend unreachable: {exc}") from None

@@ -9,18 +9,33 @@ Both read the counters when scraped or collected, so they add nothing to the req
     from sqlacache.metrics import register_opentelemetry
     register_opentelemetry(cache)          # uses the global MeterProvider
 
-`prometheus-client` and `opentelemetry-api` are imported only by these functions.
+`prometheus-client` and `opentelemetry-api` are imported only by these functions; without them
+they raise `ConfigError` naming the extra that installs them (`sqlacache[prometheus]`,
+`sqlacache[opentelemetry]`).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .manager import CacheManager
 
 _OP_COUNTERS = ("hits", "misses", "stores", "errors")
+
+
+def _require(module: str, extra: str) -> Any:
+    """Import an optional exporter dependency, or say which extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError(
+            f'{module} is not installed ({exc}): pip install "sqlacache[{extra}]"'
+        ) from None
 
 
 def _op_samples(stats: dict[str, Any]) -> Iterator[tuple[str, str, str, int]]:
@@ -42,6 +57,7 @@ class PrometheusCollector:
     """A `prometheus_client` collector: register it once per cache."""
 
     def __init__(self, cache: CacheManager, namespace: str = "sqlacache") -> None:
+        _require("prometheus_client", "prometheus")  # at registration, not at the first scrape
         self.cache = cache
         self.namespace = namespace
 
@@ -94,6 +110,7 @@ class PrometheusCollector:
 
 def register_opentelemetry(cache: CacheManager, meter_provider: Any = None) -> None:
     """Observable counters and gauges on an OpenTelemetry meter, read at each collection."""
+    _require("opentelemetry.metrics", "opentelemetry")
     from opentelemetry import metrics
     from opentelemetry.metrics import CallbackOptions, Observation
 

@@ -13,10 +13,18 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy.orm import Mapper
+
 logger = logging.getLogger("sqlacache")
 
+#: on_hit(model_class, op) / on_miss(model_class, op)
 HitHook = Callable[[Any, str], None]
 InvalidateHook = Callable[[str, Any], None]
+
+
+def _model_class(model: Any) -> Any:
+    """Hooks receive the mapped class (`User`), as upstream's did, not SQLAlchemy's Mapper."""
+    return getattr(model, "class_", model) if isinstance(model, Mapper) else model
 
 
 class RateLimitedLog:
@@ -66,12 +74,12 @@ class Stats:
     def hit(self, model: Any, name: str, op: str) -> None:
         self._ops[(name, op)][0] += 1
         if self.on_hit is not None:
-            self._call(self.on_hit, model, op)
+            self._call(self.on_hit, _model_class(model), op)
 
     def miss(self, model: Any, name: str, op: str) -> None:
         self._ops[(name, op)][1] += 1
         if self.on_miss is not None:
-            self._call(self.on_miss, model, op)
+            self._call(self.on_miss, _model_class(model), op)
 
     def stored(self, name: str, op: str) -> None:
         self._ops[(name, op)][2] += 1

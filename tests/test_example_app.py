@@ -75,3 +75,32 @@ def test_example_app_serves_repeat_reads_from_cache_and_commits_evict(
         assert totals["hits"] >= 1 and totals["misses"] >= 1
     finally:
         event.remove(example.engine.sync_engine, "before_cursor_execute", counter)
+
+
+def test_example_app_seeds_users_and_serves_every_documented_route(
+    example: ModuleType, client: Any
+) -> None:
+    documented = {
+        tuple(line.split()[:2])
+        for line in (example.__doc__ or "").splitlines()
+        if line.strip().startswith(("GET ", "POST "))
+    }
+    served = {
+        (method, route.path)
+        for route in example.app.routes
+        for method in getattr(route, "methods", ()) or ()
+        if method in ("GET", "POST")
+    }
+    assert documented and documented <= served, documented - served
+
+    client.portal.call(example.seed)  # the table is empty after the fixture's reset
+    counter = SQLCounter()
+    event.listen(example.engine.sync_engine, "before_cursor_execute", counter)
+    try:
+        names = [u["name"] for u in client.get("/users").json()]
+        assert names == [name for _, name in example.SEED]
+        before = counter.selects
+        assert [u["name"] for u in client.get("/users").json()] == names
+        assert counter.selects == before, "the repeat list must issue no SQL"
+    finally:
+        event.remove(example.engine.sync_engine, "before_cursor_execute", counter)

@@ -40,11 +40,11 @@ async def test_hooks_see_hits_misses_and_invalidations_and_their_errors_are_swal
     seen = []
 
     def on_hit(model, op):
-        seen.append(("hit", model.class_.__name__, op))
+        seen.append(("hit", model.__name__, op))
         raise RuntimeError("a broken metrics hook")
 
     cache = await make_cache(
-        on_miss=lambda model, op: seen.append(("miss", model.class_.__name__, op)),
+        on_miss=lambda model, op: seen.append(("miss", model.__name__, op)),
         on_invalidate=lambda table, pks: seen.append(("invalidate", table, pks)),
     )
     cache.on_hit = on_hit  # assignable, as upstream's users do

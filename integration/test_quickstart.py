@@ -1,0 +1,3 @@
+"""tests/test_quickstart.py on Redis + PostgreSQL."""
+
+from tests.test_quickstart import *  # noqa: F403
