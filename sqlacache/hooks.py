@@ -26,6 +26,7 @@ from sqlalchemy.engine import Connection, Engine, Result
 from sqlalchemy.orm import ORMExecuteState, Session
 from sqlalchemy.orm.attributes import instance_state
 
+from . import verify
 from ._greenlet import await_, in_greenlet
 from .analysis import Plan, coerce_pk
 from .config import ModelPolicy, check_timeout
@@ -373,7 +374,13 @@ class Read:
 
     def _serve(self, payload: bytes) -> Result[Any] | None:
         snapshot = self._decode(payload)
-        return None if snapshot is None else self._hit(snapshot)
+        if snapshot is None:
+            return None
+        # verification mode (sqlacache/verify.py): a sampled hit is served from the database and
+        # compared with the cached snapshot; with verify=0 this costs one attribute test
+        if self.policy.verify and verify.sampled(self.policy.verify):
+            return verify.verified_hit(self, snapshot)
+        return self._hit(snapshot)
 
     def _decode(self, payload: bytes) -> Snapshot | None:
         try:

@@ -31,7 +31,7 @@ from .invalidation import Invalidator, WriteSet
 from .keys import Namespace, UnstableValue, new_token, pk_text
 from .resilience import Breaker, Guard
 from .serialize import Serializer
-from .stats import HitHook, InvalidateHook, Stats
+from .stats import HitHook, InvalidateHook, MismatchHook, Stats
 from .store import Fill, Store, make_store
 from .tracking import WriteTracker, cascade_targets
 
@@ -49,6 +49,7 @@ class CacheManager:
         on_hit: HitHook | None = None,
         on_miss: HitHook | None = None,
         on_invalidate: InvalidateHook | None = None,
+        on_mismatch: MismatchHook | None = None,
     ) -> None:
         self.config = config
         self.instance_id = next(_instances)
@@ -57,6 +58,7 @@ class CacheManager:
         self.counters.on_hit = on_hit
         self.counters.on_miss = on_miss
         self.counters.on_invalidate = on_invalidate
+        self.counters.on_mismatch = on_mismatch
         self.serializer = Serializer(config.serializer, config.compress, config.secret)
         self.breaker = Breaker(
             config.breaker_threshold, config.breaker_probe_interval, self.counters
@@ -96,6 +98,15 @@ class CacheManager:
     @on_invalidate.setter
     def on_invalidate(self, hook: InvalidateHook | None) -> None:
         self.counters.on_invalidate = hook
+
+    @property
+    def on_mismatch(self) -> MismatchHook | None:
+        """Called as `on_mismatch(model, op, key)` when a verified hit differs from the database."""
+        return self.counters.on_mismatch
+
+    @on_mismatch.setter
+    def on_mismatch(self, hook: MismatchHook | None) -> None:
+        self.counters.on_mismatch = hook
 
     # -- components (created at first bind: configure() connects to nothing) ---------------------
 
