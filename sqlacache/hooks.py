@@ -364,7 +364,7 @@ class Read:
         if entry is not None and None not in versions:
             stamp = b",".join(versions)  # type: ignore[arg-type]
             if entry.startswith(stamp) and entry[len(stamp) : len(stamp) + 1] == b"\n":
-                result = self._serve(entry[len(stamp) + 1 :])
+                result = self._serve(entry[len(stamp) + 1 :], versions)
                 if result is not None:
                     return result
         self.stats.miss(self.plan.model, self.name, self.plan.op)
@@ -372,14 +372,14 @@ class Read:
 
     # -- hit ------------------------------------------------------------------------------------
 
-    def _serve(self, payload: bytes) -> Result[Any] | None:
+    def _serve(self, payload: bytes, versions: list[bytes | None]) -> Result[Any] | None:
         snapshot = self._decode(payload)
         if snapshot is None:
             return None
         # verification mode (sqlacache/verify.py): a sampled hit is served from the database and
         # compared with the cached snapshot; with verify=0 this costs one attribute test
         if self.policy.verify and verify.sampled(self.policy.verify):
-            return verify.verified_hit(self, snapshot)
+            return verify.verified_hit(self, snapshot, versions)
         return self._hit(snapshot)
 
     def _decode(self, payload: bytes) -> Snapshot | None:

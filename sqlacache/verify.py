@@ -37,11 +37,12 @@ def sampled(fraction: float) -> bool:
     return fraction >= 1.0 or random.random() < fraction
 
 
-def verified_hit(read: Read, cached: Snapshot) -> Result[Any]:
+def verified_hit(read: Read, cached: Snapshot, versions: Sequence[bytes | None]) -> Result[Any]:
     """Serve a sampled hit from the database, and compare the cached snapshot with its result.
 
-    The cached snapshot is compared as plain data: it is never thawed into the session, which
-    would put its values into objects the application may already hold.
+    `versions` are those the hit was validated against. The cached snapshot is compared as
+    plain data: it is never thawed into the session, which would put its values into objects
+    the application may already hold.
     """
     before = _unloaded_before(read.state.session)
     served, rows = _run(read)  # database errors reach the caller, as they would uncached
@@ -55,7 +56,7 @@ def verified_hit(read: Read, cached: Snapshot) -> Result[Any]:
             read.entry_key,
         )
     try:
-        outcome, reason = _check(read, cached, rows, before)
+        outcome, reason = _check(read, cached, rows, before, versions)
     except Exception as exc:  # a fault in the check must never reach the application
         outcome, reason = "inconclusive", f"the check failed: {exc!r}"
         read.stats.log.warning(
@@ -108,7 +109,11 @@ def _unloaded_before(session: Session) -> dict[Identity, set[str]]:
 
 
 def _check(
-    read: Read, cached: Snapshot, rows: Sequence[Any], before: Mapping[Identity, set[str]]
+    read: Read,
+    cached: Snapshot,
+    rows: Sequence[Any],
+    before: Mapping[Identity, set[str]],
+    versions: Sequence[bytes | None],
 ) -> tuple[str, str]:
     """("match" | "mismatch" | "inconclusive", why)."""
     if len(rows) != len(cached.rows):
@@ -126,8 +131,8 @@ def _check(
         if found is None:
             return "match", ""
         reason = found
-    if not _entry_still_valid(read):
-        # a write committed between the hit and the query explains the difference
+    if not _no_write_since(read, versions):
+        # a write committed between the hit and the query may explain the difference
         return "inconclusive", f"{reason}, during a concurrent write"
     return "mismatch", reason
 
@@ -140,31 +145,25 @@ def _ordered(state: Any) -> bool:
     return clauses is None or bool(clauses)
 
 
-def _entry_still_valid(read: Read) -> bool:
-    """True if the entry still validates and no write lease covers what it reads.
+def _no_write_since(read: Read, seen: Sequence[bytes | None]) -> bool:
+    """True if what the entry reads has the versions the hit saw, and no write lease on it.
 
     A writer holds a lease from its first flush until its versions are bumped after COMMIT, so
-    a difference seen while the entry is still valid and unleased is one that no write the cache
-    saw can explain.
+    a difference seen with versions unmoved and no lease is one that no write the cache saw can
+    explain. (This does not look at the entry's own stamp: a fault in the hit's check is caught.)
     """
     row_keys, row_leases = read.path.row_keys(
         read.state, read.plan, read.keyset, read.cache_key.bindparams
     )
     version_keys = [*row_keys, *read.keyset.versions]
     lease_keys = [*row_leases, *read.keyset.leases]
+    keys = [read.entry_key, *version_keys, *lease_keys]  # a fetch names an entry first
     try:
-        found = read.manager.guard(
-            read.manager.store.fetch, [read.entry_key, *version_keys, *lease_keys]
-        )
+        found = read.manager.guard(read.manager.store.fetch, keys)
     except CacheUnavailable:
         return False
-    entry = found[0]
-    versions = found[1 : 1 + len(version_keys)]
-    leases = found[1 + len(version_keys) :]
-    if entry is None or None in versions or leases.count(None) != len(leases):
-        return False
-    stamp = b",".join(versions)  # type: ignore[arg-type]
-    return entry.startswith(stamp + b"\n")
+    versions, leases = found[1 : 1 + len(version_keys)], found[1 + len(version_keys) :]
+    return list(versions) == list(seen) and leases.count(None) == len(leases)
 
 
 def _report(read: Read, reason: str) -> None:
