@@ -451,3 +451,14 @@ def test_sync_sessions_are_verified_too(stack):
         cache.disconnect_sync()
         other.dispose()
         engine.dispose()
+
+
+async def test_the_global_fraction_also_checks_hits_forced_by_cache_execute(make_cache, sessions):
+    cache = await make_cache({"tests.models.User": None}, verify=1.0)
+    await seed(sessions)
+    stmt = select(User).where(User.id == 1)
+    for _ in range(2):  # a forced miss that fills, then a forced, checked hit
+        async with sessions() as s:
+            assert (await cache.execute(s, stmt)).scalar_one().name == "ann"
+        await cache.flush_pending()
+    assert cache.stats()["verify"] == {"checked": 1, "mismatches": 0}
