@@ -15,7 +15,7 @@ from typing import Any
 from .config import CacheConfig, build_config
 from .errors import CacheError, ConfigError, TransportError
 from .manager import CacheManager
-from .stats import HitHook, InvalidateHook
+from .stats import HitHook, InvalidateHook, MismatchHook
 
 __all__ = [
     "CacheConfig",
@@ -40,6 +40,8 @@ def configure(
     on_hit: HitHook | None = None,
     on_miss: HitHook | None = None,
     on_invalidate: InvalidateHook | None = None,
+    on_mismatch: MismatchHook | None = None,
+    verify: float = 0.0,
     volatile_functions: Iterable[str] | None = None,
     key_context: Callable[[Any], Any] | None = None,
     operation_timeout: float = 0.05,
@@ -54,6 +56,9 @@ def configure(
 
     Raises `ConfigError` naming the culprit. Dotted class paths and `module.*` patterns are
     imported and checked at `bind()`.
+
+    `verify` is the fraction of hits (0 to 1) that are also run on the database and compared
+    with the cached result; `on_mismatch(model, op, key)` hears of every difference found.
     """
     config = build_config(
         backend=backend,
@@ -72,5 +77,12 @@ def configure(
         lock_timeout=lock_timeout,
         max_rows=max_rows,
         max_bytes=max_bytes,
+        verify=verify,
     )
-    return CacheManager(config, on_hit=on_hit, on_miss=on_miss, on_invalidate=on_invalidate)
+    return CacheManager(
+        config,
+        on_hit=on_hit,
+        on_miss=on_miss,
+        on_invalidate=on_invalidate,
+        on_mismatch=on_mismatch,
+    )

@@ -11,7 +11,7 @@ import importlib
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .manager import CacheManager
 
 OPS = ("get", "fetch", "count", "exists")
-MODEL_OPTIONS = ("ops", "timeout", "lock")
+MODEL_OPTIONS = ("ops", "timeout", "lock", "verify")
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]+")
 logger = logging.getLogger("sqlacache")
 
@@ -176,6 +176,8 @@ class ModelPolicy:
     ops: frozenset[str]
     timeout: int
     lock: bool = False
+    #: the fraction of this model's hits also run on the database and compared (verification mode)
+    verify: float = 0.0
 
     def allows(self, op: str) -> bool:
         return self.enabled and op in self.ops
@@ -234,6 +236,7 @@ class CacheConfig(Mapping[str, Any]):
     max_rows: int = 10_000
     max_bytes: int = 4 * 1024 * 1024
     max_pending_tables: int = 1_000
+    verify: float = 0.0
     _resolved: dict[Mapper[Any], ModelPolicy] = field(default_factory=dict, repr=False)
     _class_entries: dict[type, Mapping[str, Any] | None] = field(default_factory=dict, repr=False)
     _module_entries: dict[str, Mapping[str, Any] | None] = field(default_factory=dict, repr=False)
@@ -334,7 +337,8 @@ class CacheConfig(Mapping[str, Any]):
         if self._star[0]:
             chain.append(self._star[1])
         if not chain or chain[0] is None:
-            return DISABLED
+            # still read by `cache.execute()`, which caches such a model anyway
+            return replace(DISABLED, verify=self.verify) if self.verify else DISABLED
         fields: dict[str, Any] = {}
         for entry in chain:
             for name in MODEL_OPTIONS:
@@ -345,6 +349,7 @@ class CacheConfig(Mapping[str, Any]):
             ops=_normalise_ops(fields.get("ops", "all"), "ops"),
             timeout=int(fields.get("timeout", self.default_timeout)),
             lock=bool(fields.get("lock", False)),
+            verify=float(fields.get("verify", self.verify)),
         )
 
 
@@ -455,6 +460,19 @@ def check_timeout(value: Any, culprit: str) -> int:
     return value
 
 
+def check_verify(value: Any, culprit: str) -> float:
+    """A verification fraction: a number from 0 (never) to 1 (every hit)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 <= value <= 1  # also refuses NaN
+    ):
+        raise ConfigError(
+            f"{culprit} must be a fraction of hits from 0 to 1 (e.g. 0.01), got {value!r}"
+        )
+    return float(value)
+
+
 def _validate_model_entry(key: Any, entry: Any) -> None:
     culprit = f"models[{key!r}]"
     if entry is None:
@@ -475,6 +493,8 @@ def _validate_model_entry(key: Any, entry: Any) -> None:
         check_timeout(entry["timeout"], f"{culprit}['timeout']")
     if "lock" in entry and not isinstance(entry["lock"], bool):
         raise ConfigError(f"{culprit}['lock'] must be True or False, got {entry['lock']!r}")
+    if "verify" in entry:
+        check_verify(entry["verify"], f"{culprit}['verify']")
 
 
 def _validate_model_key(key: Any) -> None:
@@ -738,6 +758,7 @@ def build_config(
     lock_timeout: float,
     max_rows: int,
     max_bytes: int,
+    verify: float = 0.0,
 ) -> CacheConfig:
     """Validate every argument of `configure()` and return the `CacheConfig`."""
     backend_config = parse_backend(backend)
@@ -774,6 +795,7 @@ def build_config(
         volatile = volatile | {str(name).lower() for name in volatile_functions}
     if key_context is not None and not callable(key_context):
         raise ConfigError("key_context must be a callable taking the ORMExecuteState")
+    verify_fraction = check_verify(verify, "verify")
     _positive("operation_timeout", operation_timeout)
     _positive("breaker_probe_interval", breaker_probe_interval)
     _positive("lease_timeout", lease_timeout)
@@ -802,6 +824,7 @@ def build_config(
         lock_timeout=float(lock_timeout),
         max_rows=max_rows,
         max_bytes=max_bytes,
+        verify=verify_fraction,
     )
 
 

@@ -15,9 +15,10 @@ import time
 from typing import Any
 
 from sqlalchemy.engine import Result
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import ORMExecuteState
 
-from . import _sqla
+from . import _sqla, verify
 from .decision import Decision, Fetched, Skip, candidate, decide
 from .entry import valid_payload
 from .errors import CacheUnavailable, ConfigError
@@ -48,8 +49,8 @@ class ReadPath:
             return result
         try:
             served = self._read(state, *found)
-        except ConfigError:
-            raise  # a bad per-statement option (cache_timeout) is the caller's mistake
+        except (ConfigError, DBAPIError):
+            raise  # a bad cache_timeout is the caller's mistake; the database's errors are its own
         except Exception as exc:  # the cache's own fault: never the application's
             self.stats.internal_error(type(exc).__name__, exc)
             served = None
@@ -71,7 +72,7 @@ class ReadPath:
         fetched = Fetched.split(decision, answer, fetched_at)
         payload = valid_payload(fetched.entry, fetched.versions)
         if payload is not None:
-            result = self._hit(decision, payload)
+            result = self._hit(decision, payload, fetched.versions)
             if result is not None:
                 return result
         self.stats.miss(decision.plan.model, decision.name, decision.op)
@@ -81,10 +82,15 @@ class ReadPath:
             )
         return self.filler.miss(decision, fetched)
 
-    def _hit(self, decision: Decision, payload: bytes) -> Result[Any] | None:
+    def _hit(
+        self, decision: Decision, payload: bytes, versions: list[bytes | None]
+    ) -> Result[Any] | None:
         snapshot = self.filler.decode(decision, payload)
         if snapshot is None:
             return None
+        fraction = decision.policy.verify
+        if fraction and verify.sampled(fraction):  # served from the database, and compared
+            return verify.verified_hit(self.runtime, decision, snapshot, versions)
         result = self.filler.materialise(decision, snapshot, shared=False)
         if result is not None:
             self.stats.hit(decision.plan.model, decision.name, decision.op)

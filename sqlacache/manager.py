@@ -26,7 +26,7 @@ from .errors import CacheUnavailable, ConfigError, TransportError
 from .invalidation import invalidation_targets
 from .keys import Namespace
 from .resilience import Breaker
-from .stats import HitHook, InvalidateHook, Stats, namespace_stats
+from .stats import HitHook, InvalidateHook, MismatchHook, Stats, namespace_stats
 
 logger = logging.getLogger("sqlacache")
 _instances = itertools.count(1)
@@ -42,6 +42,7 @@ class CacheManager:
         on_hit: HitHook | None = None,
         on_miss: HitHook | None = None,
         on_invalidate: InvalidateHook | None = None,
+        on_mismatch: MismatchHook | None = None,
     ) -> None:
         self.config = config
         self.instance_id = next(_instances)
@@ -50,6 +51,7 @@ class CacheManager:
         self.counters.on_hit = on_hit
         self.counters.on_miss = on_miss
         self.counters.on_invalidate = on_invalidate
+        self.counters.on_mismatch = on_mismatch
         self.breaker = Breaker(
             config.breaker_threshold, config.breaker_probe_interval, self.counters
         )
@@ -80,6 +82,15 @@ class CacheManager:
     @on_invalidate.setter
     def on_invalidate(self, hook: InvalidateHook | None) -> None:
         self.counters.on_invalidate = hook
+
+    @property
+    def on_mismatch(self) -> MismatchHook | None:
+        """Called as `on_mismatch(model, op, key)` when a verified hit differs from the database."""
+        return self.counters.on_mismatch
+
+    @on_mismatch.setter
+    def on_mismatch(self, hook: MismatchHook | None) -> None:
+        self.counters.on_mismatch = hook
 
     # -- binding --------------------------------------------------------------------------------
 
@@ -196,7 +207,9 @@ class CacheManager:
             check_invalidate_all_call(pks)
             await self.invalidate_all()
             return
-        tables, rows = invalidation_targets(model, None if pks is None else pks_list(pks), unknown_tables)
+        tables, rows = invalidation_targets(
+            model, None if pks is None else pks_list(pks), unknown_tables
+        )
         if tables:
             await greenlet_spawn(self._deliver_invalidation, tables, rows)
 
@@ -208,7 +221,9 @@ class CacheManager:
             check_invalidate_all_call(pks)
             self.invalidate_all_sync()
             return
-        tables, rows = invalidation_targets(model, None if pks is None else pks_list(pks), unknown_tables)
+        tables, rows = invalidation_targets(
+            model, None if pks is None else pks_list(pks), unknown_tables
+        )
         if tables:
             self._deliver_invalidation(tables, rows)
 

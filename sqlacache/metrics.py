@@ -26,6 +26,14 @@ if TYPE_CHECKING:
     from .manager import CacheManager
 
 _OP_COUNTERS = ("hits", "misses", "stores", "errors")
+#: verification mode, per model and op (Prometheus `sqlacache_verify_checked_total`, ...;
+#: OpenTelemetry `sqlacache.verify.checked`, ...)
+_VERIFY_COUNTERS = ("verify_checked", "verify_mismatches", "verify_inconclusive")
+_VERIFY_HELP = {
+    "verify_checked": "Sampled hits compared with the database",
+    "verify_mismatches": "Sampled hits that differed from the database (the entry was evicted)",
+    "verify_inconclusive": "Sampled hits that could not be compared (e.g. a concurrent write)",
+}
 
 
 def _require(module: str, extra: str) -> Any:
@@ -44,6 +52,14 @@ def _op_samples(stats: dict[str, Any]) -> Iterator[tuple[str, str, str, int]]:
         for op, counters in ops.items():
             for counter in _OP_COUNTERS:
                 yield counter, model, op, counters[counter]
+
+
+def _verify_samples(stats: dict[str, Any]) -> Iterator[tuple[str, str, str, int]]:
+    """(counter, model, op, value) of verification mode for every model and op seen."""
+    for model, ops in stats["models"].items():
+        for op, counters in ops.items():
+            for counter in _VERIFY_COUNTERS:
+                yield counter, model, op, counters.get(counter, 0)
 
 
 def _bypass_samples(stats: dict[str, Any]) -> Iterator[tuple[str, str, str, int]]:
@@ -76,6 +92,15 @@ class PrometheusCollector:
         for counter, model, op, value in _op_samples(stats):
             families[counter].add_metric([prefix, model, op], value)
         yield from families.values()
+        checks = {
+            name: CounterMetricFamily(
+                f"{ns}_{name}", _VERIFY_HELP[name], labels=["prefix", "model", "op"]
+            )
+            for name in _VERIFY_COUNTERS
+        }
+        for counter, model, op, value in _verify_samples(stats):
+            checks[counter].add_metric([prefix, model, op], value)
+        yield from checks.values()
         bypasses = CounterMetricFamily(
             f"{ns}_bypasses",
             "Reads that did not use the cache, by reason",
@@ -129,6 +154,21 @@ def register_opentelemetry(cache: CacheManager, meter_provider: Any = None) -> N
     for counter in _OP_COUNTERS:
         meter.create_observable_counter(
             f"sqlacache.{counter}", callbacks=[op_callback(counter)], description=f"cache {counter}"
+        )
+
+    def verify_callback(counter: str) -> Any:
+        def observe(options: CallbackOptions) -> Iterator[Observation]:
+            for name, model, op, value in _verify_samples(cache.stats()):
+                if name == counter:
+                    yield Observation(value, {"prefix": prefix, "model": model, "op": op})
+
+        return observe
+
+    for counter in _VERIFY_COUNTERS:
+        meter.create_observable_counter(
+            "sqlacache." + counter.replace("_", "."),
+            callbacks=[verify_callback(counter)],
+            description=_VERIFY_HELP[counter],
         )
 
     def bypasses(options: CallbackOptions) -> Iterator[Observation]:

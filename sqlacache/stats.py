@@ -20,6 +20,7 @@ logger = logging.getLogger("sqlacache")
 #: on_hit(model_class, op) / on_miss(model_class, op)
 HitHook = Callable[[Any, str], None]
 InvalidateHook = Callable[[str, Any], None]
+MismatchHook = Callable[[Any, str, str], None]
 
 
 def _model_class(model: Any) -> Any:
@@ -58,6 +59,8 @@ class Stats:
             lambda: defaultdict(int)
         )
         self._invalidations: dict[str, int] = defaultdict(int)
+        # verification mode: [checked, mismatches, inconclusive] per (model name, op)
+        self._verify: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
         self.payload_errors = 0
         self.unserializable = 0
         self.transport_errors = 0
@@ -69,6 +72,7 @@ class Stats:
         self.on_hit: HitHook | None = None
         self.on_miss: HitHook | None = None
         self.on_invalidate: InvalidateHook | None = None
+        self.on_mismatch: MismatchHook | None = None
         self.log = RateLimitedLog()
 
     def hit(self, model: Any, name: str, op: str) -> None:
@@ -108,6 +112,22 @@ class Stats:
                 exc_info=exc,
             )
 
+    def verified(self, name: str, op: str) -> None:
+        """A sampled hit that equalled the database's result."""
+        self._verify[(name, op)][0] += 1
+
+    def mismatched(self, model: Any, name: str, op: str, key: str) -> None:
+        """A sampled hit that differed from the database's result."""
+        counters = self._verify[(name, op)]
+        counters[0] += 1
+        counters[1] += 1
+        if self.on_mismatch is not None:
+            self._call(self.on_mismatch, _model_class(model), op, key)
+
+    def verify_inconclusive(self, name: str, op: str) -> None:
+        """A sampled hit that could not be compared (a concurrent write, an unreadable result)."""
+        self._verify[(name, op)][2] += 1
+
     def invalidated(self, table: str, pks: Any) -> None:
         self._invalidations[table] += 1
         if self.on_invalidate is not None:
@@ -121,15 +141,19 @@ class Stats:
 
     def as_dict(self) -> dict[str, Any]:
         models: dict[str, dict[str, Any]] = {}
-        keys = set(self._ops) | set(self._bypasses)
+        keys = set(self._ops) | set(self._bypasses) | set(self._verify)
         for name, op in sorted(keys):
             hits, misses, stores, errors = self._ops.get((name, op), [0, 0, 0, 0])
+            checked, mismatches, inconclusive = self._verify.get((name, op), [0, 0, 0])
             models.setdefault(name, {})[op] = {
                 "hits": hits,
                 "misses": misses,
                 "stores": stores,
                 "errors": errors,
                 "bypasses": dict(self._bypasses.get((name, op), {})),
+                "verify_checked": checked,
+                "verify_mismatches": mismatches,
+                "verify_inconclusive": inconclusive,
             }
         totals = {"hits": 0, "misses": 0, "stores": 0, "errors": 0, "bypasses": 0}
         for ops in models.values():
@@ -141,6 +165,10 @@ class Stats:
             "models": models,
             "totals": totals,
             "invalidations": dict(self._invalidations),
+            "verify": {
+                "checked": sum(c[0] for c in self._verify.values()),
+                "mismatches": sum(c[1] for c in self._verify.values()),
+            },
             "payload_errors": self.payload_errors,
             "unserializable": self.unserializable,
             "transport_errors": self.transport_errors,

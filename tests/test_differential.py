@@ -26,23 +26,43 @@ def _seed() -> int:
 
 
 @pytest.mark.slow
-async def test_cached_reads_always_equal_uncached_reads(stack, engine, sessions, make_cache):
+@pytest.mark.parametrize("verify", [0.0, 1.0], ids=["cached", "every_hit_verified"])
+async def test_cached_reads_always_equal_uncached_reads(
+    stack, engine, sessions, make_cache, verify
+):
+    """With `verify=1.0` every hit is also checked by the cache itself against the database:
+    the verification mode must report no mismatch where the differential comparison sees none."""
     seed = _seed()
     steps = int(os.environ.get("SQLACACHE_DIFF_OPS", "2000"))
-    print(f"\nsqlacache differential test: stack={stack.name} seed={seed} steps={steps}")
+    print(
+        f"\nsqlacache differential test: stack={stack.name} seed={seed} steps={steps} "
+        f"verify={verify}"
+    )
     # the uncached side: a second engine on the same database that no cache is bound to
     truth_engine = await create_engine_for(stack)
     try:
         await seed_data(truth_engine, random.Random(seed))
-        cache = await make_cache({"*": {"timeout": 300}})
+        cache = await make_cache({"*": {"timeout": 300}}, verify=verify)
         runner = Runner(seed, stack.name, sessions, engine, truth_engine)
         started = time.monotonic()
         await runner.run(steps)
         elapsed = time.monotonic() - started
     finally:
         await truth_engine.dispose()
-    totals = cache.stats()["totals"]
+    stats = cache.stats()
+    totals, checks = stats["totals"], stats["verify"]
+    inconclusive = sum(
+        counters["verify_inconclusive"]
+        for ops in stats["models"].values()
+        for counters in ops.values()
+    )
     print(f"  {elapsed:.1f}s, {dict(runner.counts)}, cache totals {totals}")
+    print(f"  verify counters {checks}, inconclusive {inconclusive}")
+    assert checks["mismatches"] == 0, (seed, checks)
+    if verify:
+        assert checks["checked"] + inconclusive == totals["hits"], (seed, checks, totals)
+    else:
+        assert checks == {"checked": 0, "mismatches": 0}
     # the comparison proves nothing if the cache never served anything
     assert totals["hits"] >= runner.counts["comparisons"] // 10, (seed, totals)
     assert runner.counts["comparisons"] >= steps // 2
