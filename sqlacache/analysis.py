@@ -516,22 +516,43 @@ def result_shape(compiled: Any, compile_state: Any, statement: Any) -> ResultSha
 
 
 class _MapperIndex:
-    """Which mapper owns a table, refreshed when new mappers are configured."""
+    """Which mapper owns a table, refreshed when new mappers are configured.
+
+    Applications (and their test suites, on purpose) may hold classes that failed to map or to
+    configure; those are skipped here, never raised: they concern their own queries only.
+    """
 
     def __init__(self) -> None:
         self._by_table: dict[Table, Mapper[Any]] = {}
         self._count = -1
 
     def _mappers(self) -> list[Mapper[Any]]:
-        return [m for registry in list(_mapper_registries) for m in registry.mappers]
+        found: list[Mapper[Any]] = []
+        for registry in list(_mapper_registries):
+            # `registry.mappers` raises for a class whose mapping failed half way
+            for manager in list(getattr(registry, "_managers", ())):
+                if not getattr(manager, "is_mapped", False):
+                    continue
+                try:
+                    mapper = manager.mapper
+                except Exception:
+                    continue
+                if not getattr(mapper, "_configure_failed", False):
+                    found.append(mapper)
+        return found
 
     def refresh(self) -> None:
-        mappers = self._mappers()
+        try:
+            mappers = self._mappers()
+        except Exception:  # a registry changing under us: keep the last index
+            return
         if len(mappers) == self._count:
             return
         by_table: dict[Table, Mapper[Any]] = {}
         for mapper in mappers:
-            table = mapper.local_table
+            table = getattr(mapper, "local_table", None)
+            if not isinstance(table, Table):
+                continue
             current = by_table.get(table)  # type: ignore[call-overload]
             # single-table inheritance: the base mapper owns the table
             if current is None or (current.isa(mapper) and current is not mapper):
