@@ -553,10 +553,10 @@ class _MapperIndex:
             table = getattr(mapper, "local_table", None)
             if not isinstance(table, Table):
                 continue
-            current = by_table.get(table)  # type: ignore[call-overload]
+            current = by_table.get(table)
             # single-table inheritance: the base mapper owns the table
             if current is None or (current.isa(mapper) and current is not mapper):
-                by_table[table] = mapper  # type: ignore[index]
+                by_table[table] = mapper
         self._by_table = by_table
         self._count = len(mappers)
 
