@@ -478,8 +478,8 @@ def eager_dependencies(
             continue
         seen.add(mapper)
         mappers.add(mapper)
-        for table in mapper.tables:
-            if isinstance(table, Table) and table not in tables:
+        for table in mapper_tables(mapper):
+            if table not in tables:
                 tables.append(table)
         for prop in mapper.relationships:
             if prop.lazy in EAGER_STRATEGIES:
@@ -489,9 +489,61 @@ def eager_dependencies(
 
 
 def _add_relationship(prop: RelationshipProperty[Any], tables: list[Table]) -> None:
-    for table in (*prop.mapper.tables, prop.secondary):
-        if isinstance(table, Table) and table not in tables:
+    for table in relationship_tables(prop):
+        if table not in tables:
             tables.append(table)
+
+
+_MAPPER_TABLES: dict[Mapper[Any], tuple[Table, ...]] = {}
+_RELATIONSHIP_TABLES: dict[RelationshipProperty[Any], tuple[Table, ...]] = {}
+
+
+def mapper_tables(mapper: Mapper[Any]) -> tuple[Table, ...]:
+    """Every table loading an instance of `mapper` reads: its own, those its column properties
+    read (a correlated subquery on a third table), and its `with_polymorphic` selectable's."""
+    found = _MAPPER_TABLES.get(mapper)
+    if found is None:
+        out = [t for t in mapper.tables if isinstance(t, Table)]
+        for prop in mapper.column_attrs:
+            for column in prop.columns:
+                out.extend(expression_tables(column))
+        polymorphic = getattr(mapper, "_with_polymorphic_selectable", None)
+        if polymorphic is not None:
+            out.extend(expression_tables(polymorphic))
+        found = tuple(dict.fromkeys(out))
+        _MAPPER_TABLES[mapper] = found
+    return found
+
+
+def relationship_tables(prop: RelationshipProperty[Any]) -> tuple[Table, ...]:
+    """Every table loading a relationship reads: the target's (see `mapper_tables`), the
+    association table, and any other table its primaryjoin/secondaryjoin name (EXISTS, IN)."""
+    found = _RELATIONSHIP_TABLES.get(prop)
+    if found is None:
+        out: list[Table] = []
+        for mapper in prop.mapper.self_and_descendants:
+            out.extend(mapper_tables(mapper))
+        if isinstance(prop.secondary, Table):
+            out.append(prop.secondary)
+        elif prop.secondary is not None:
+            out.extend(expression_tables(prop.secondary))
+        for join in (prop.primaryjoin, prop.secondaryjoin):
+            if join is not None:
+                out.extend(expression_tables(join))
+        found = tuple(dict.fromkeys(out))
+        _RELATIONSHIP_TABLES[prop] = found
+    return found
+
+
+def expression_tables(expression: Any) -> Iterator[Table]:
+    """Tables an expression reads: those in it, and those of the columns it names."""
+    for element in visitors.iterate(expression):
+        if isinstance(element, Table):
+            yield _plain(element)
+        elif isinstance(element, ColumnClause):
+            table = getattr(element, "table", None)
+            if isinstance(table, Table):
+                yield _plain(table)
 
 
 def _option_relationships(statement: Any) -> Iterator[RelationshipProperty[Any]]:

@@ -20,7 +20,7 @@ from sqlalchemy.engine.result import IteratorResult, Result
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_state
 
-from .analysis import Plan, ResultShape
+from .analysis import Plan, ResultShape, mapper_tables, relationship_tables
 from .serialize import PayloadError, Snapshot
 
 
@@ -181,8 +181,8 @@ class _Freezer:
     def _check_mapper(self, mapper: Mapper[Any]) -> None:
         if mapper not in self.plan.mappers:
             self.new_mappers.add(mapper)
-        for table in mapper.tables:
-            if isinstance(table, Table) and table not in self.plan.table_set:
+        for table in mapper_tables(mapper):
+            if table not in self.plan.table_set:
                 self.missing_tables.add(table)
 
     def drain(self) -> None:
@@ -222,8 +222,8 @@ class _Freezer:
                     rels[prop.key] = self.ref(value)
 
     def _check_relationship(self, prop: Any) -> None:
-        for table in (*prop.mapper.tables, prop.secondary):
-            if isinstance(table, Table) and table not in self.plan.table_set:
+        for table in relationship_tables(prop):
+            if table not in self.plan.table_set:
                 self.missing_tables.add(table)
 
 
