@@ -101,7 +101,7 @@ def _column_codec(values: Sequence[Any]) -> str:
             if codec in ("dt", "t") and not _fixed_offsets(values):
                 raise Unserializable("a time with a named time zone")
             return codec
-        if issubclass(kind, uuid.UUID):  # driver subclasses (asyncpg)
+        if issubclass(kind, uuid.UUID) and _is_driver_type(kind):  # asyncpg's UUID
             return "u"
         if issubclass(kind, enum.Enum):
             return "e"
@@ -110,9 +110,21 @@ def _column_codec(values: Sequence[Any]) -> str:
         if all(_is_json_native(v) for v in values):
             return ""
         raise Unserializable("a JSON value holding values JSON cannot carry")
-    if all(issubclass(k, uuid.UUID) for k in kinds):
+    if all(issubclass(k, uuid.UUID) and _is_driver_type(k) for k in kinds):
         return "u"
     raise Unserializable(f"a column of {', '.join(sorted(k.__qualname__ for k in kinds))}")
+
+
+#: packages of database drivers: their subclasses of a standard type may become that base type on
+#: a hit (as documented). An application's own subclass comes back as itself, or is not cached.
+_DRIVER_PACKAGES = frozenset(
+    {"asyncpg", "psycopg", "psycopg2", "pg8000", "pymysql", "MySQLdb", "aiomysql", "asyncmy"}
+    | {"oracledb", "cx_Oracle", "pyodbc", "aioodbc", "sqlite3", "aiosqlite", "uuid"}
+)
+
+
+def _is_driver_type(kind: type) -> bool:
+    return kind.__module__.partition(".")[0] in _DRIVER_PACKAGES
 
 
 def _fixed_offsets(values: Sequence[Any]) -> bool:
@@ -178,11 +190,7 @@ class Serializer:
     # -- public --
 
     def dumps(self, snapshot: Snapshot) -> bytes:
-        body = (
-            pickle.dumps(snapshot, protocol=pickle.HIGHEST_PROTOCOL)
-            if self.pickle
-            else self._json(snapshot)
-        )
+        body = self._pickle(snapshot) if self.pickle else self._json(snapshot)
         tag = b"P" if self.pickle else b"J"
         if self.compress == "zlib":
             body, ctag = zlib.compress(body, 3), b"z"
@@ -240,6 +248,16 @@ class Serializer:
         if tag != b"J":
             raise PayloadError("unknown payload format")
         return self._from_json(json.loads(body), enum_for)
+
+    def _pickle(self, snapshot: Snapshot) -> bytes:
+        """Pickle, and unpickle once: a value that pickles but cannot be rebuilt (a constructor
+        needing more arguments) would fail every hit instead of being refused once."""
+        try:
+            body = pickle.dumps(snapshot, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.loads(body)
+        except Exception as exc:
+            raise Unserializable(f"a value pickle cannot carry: {type(exc).__name__}") from None
+        return body
 
     def _json(self, snapshot: Snapshot) -> bytes:
         """Column-major JSON: per mapper, one list per attribute; rows as columns too."""

@@ -67,12 +67,23 @@ def _mutable_positions(mapper: Mapper[Any]) -> tuple[int, ...]:
     return found
 
 
+class _Uncopyable(Exception):
+    """A value `copy.deepcopy` cannot rebuild (a type whose constructor needs more arguments)."""
+
+
 def _own(values: list[Any], positions: tuple[int, ...]) -> None:
     """Deep-copy the mutable values at `positions`, in place."""
     for position in positions:
         value = values[position]
         if value is not None and type(value) not in _IMMUTABLE_SCALARS:
-            values[position] = copy.deepcopy(value)
+            values[position] = _copy(value)
+
+
+def _copy(value: Any) -> Any:
+    try:
+        return copy.deepcopy(value)
+    except Exception as exc:  # any type's own copy protocol may fail: never the caller's error
+        raise _Uncopyable(type(value).__qualname__) from exc
 
 
 _IMMUTABLE_SCALARS = frozenset({str, int, float, bool, bytes})
@@ -202,7 +213,10 @@ class _Freezer:
                 values = [None if value is _ABSENT else value for value in full]
             if shape.mutable and any(values[i] is not None for i in shape.mutable):
                 values = list(values)
-                _own(values, shape.mutable)
+                try:
+                    _own(values, shape.mutable)
+                except _Uncopyable as exc:
+                    raise NotSnapshottable("uncopyable_value") from exc
             self.entities[position] = (mapper_position, values, missing, rels)
             loaded = shape.relationship_keys & dict_.keys()
             if not loaded:
@@ -246,15 +260,18 @@ def freeze(
     else:
         width = len(shape.metadata.keys)
         entity_columns = [_is_entity_column(rows, i) for i in range(width)]
-        for row in rows:
-            out_rows.append(
-                [
-                    freezer.ref(cell)
-                    if entity_columns[i]
-                    else (copy.deepcopy(cell) if type(cell) in _MUTABLE_TYPES else cell)
-                    for i, cell in enumerate(row)
-                ]
-            )
+        try:
+            for row in rows:
+                out_rows.append(
+                    [
+                        freezer.ref(cell)
+                        if entity_columns[i]
+                        else (_copy(cell) if type(cell) in _MUTABLE_TYPES else cell)
+                        for i, cell in enumerate(row)
+                    ]
+                )
+        except _Uncopyable as exc:
+            raise NotSnapshottable("uncopyable_value") from exc
     freezer.drain()
     snapshot = Snapshot(
         mappers=freezer.mappers,
@@ -317,7 +334,10 @@ def thaw(
         keys, pk_positions, identity_class, new_instance, mutable = kinds[mapper_position]
         if mutable:
             values = list(values)
-            _own(values, mutable)
+            try:
+                _own(values, mutable)
+            except _Uncopyable as exc:
+                raise PayloadError(f"uncopyable value: {exc}") from None
         # the identity key, as Mapper.identity_key_from_primary_key builds it
         identity = (identity_class, tuple([values[i] for i in pk_positions]), identity_token)
         existing = get_existing(identity)
@@ -355,15 +375,18 @@ def thaw(
     if snapshot.single_entity:
         return [None if ref is None else objects[ref] for ref in snapshot.rows]
     columns = snapshot.entity_columns
-    return [
-        tuple(
-            (None if cell is None else objects[cell])
-            if columns[i]
-            else (copy.deepcopy(cell) if shared and type(cell) in _MUTABLE_TYPES else cell)
-            for i, cell in enumerate(row)
-        )
-        for row in snapshot.rows
-    ]
+    try:
+        return [
+            tuple(
+                (None if cell is None else objects[cell])
+                if columns[i]
+                else (_copy(cell) if shared and type(cell) in _MUTABLE_TYPES else cell)
+                for i, cell in enumerate(row)
+            )
+            for row in snapshot.rows
+        ]
+    except _Uncopyable as exc:
+        raise PayloadError(f"uncopyable value: {exc}") from None
 
 
 def _fill_unloaded(state: Any, keys: list[str], values: Sequence[Any], missing: list[int]) -> None:
