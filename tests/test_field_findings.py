@@ -7,14 +7,17 @@ Redis + PostgreSQL from integration/ (PostgreSQL-only behaviour lives in integra
 from __future__ import annotations
 
 import contextlib
+import datetime
 import gc
 import uuid
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import (
     DDL,
+    DateTime,
     Float,
     ForeignKey,
     String,
@@ -133,12 +136,31 @@ class TaggedUUIDType(TypeDecorator[Any]):
         return None if value is None else TaggedUUID(str(value))
 
 
+class ZonedDateTime(TypeDecorator[Any]):
+    """Gives every value the zone `Europe/Berlin` (a ZoneInfo), as psycopg 3 does with the
+    session's TimeZone; SQLite has no time zones of its own."""
+
+    impl = DateTime()
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        if value is None or value.tzinfo is None:
+            return value
+        return value.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Any) -> Any:
+        if value is None:
+            return None
+        return value.replace(tzinfo=datetime.timezone.utc).astimezone(ZoneInfo("Europe/Berlin"))
+
+
 class Note(FieldBase):
     __tablename__ = "ff_notes"
     id: Mapped[int] = mapped_column(primary_key=True)
     tagged: Mapped[str | None] = mapped_column(TaggedText(), nullable=True)
     plain: Mapped[str | None] = mapped_column(PlainText(), nullable=True)
     ident: Mapped[uuid.UUID | None] = mapped_column(TaggedUUIDType(), nullable=True)
+    at: Mapped[datetime.datetime | None] = mapped_column(ZonedDateTime(), nullable=True)
 
 
 @pytest.fixture
@@ -146,6 +168,12 @@ async def field_tables(engine: Any) -> None:
     async with engine.begin() as conn:
         await conn.run_sync(FieldBase.metadata.drop_all)
         await conn.run_sync(FieldBase.metadata.create_all)
+
+
+def _forget_recent_fills(cache: sqlacache.CacheManager) -> None:
+    """A miss right after a fill may take the filler's in-memory snapshot (stampede protection);
+    forgetting it makes the next read decode the stored entry, which is what is tested."""
+    cache.read_path.flights._recent.clear()
 
 
 def _bypasses(cache: sqlacache.CacheManager, model: str, op: str) -> dict[str, int]:
@@ -611,6 +639,41 @@ async def test_an_application_uuid_subclass_never_comes_back_as_uuid(
         await cache.flush_pending()
 
 
+async def test_a_zoneinfo_datetime_comes_back_with_the_same_zone(
+    cache, sessions, field_tables, sql
+) -> None:
+    """Item 16: a datetime whose tzinfo is a `ZoneInfo` is cached, and a hit returns it with the
+    same tzinfo class and key (here across a DST change, so fold and offset matter)."""
+    winter = datetime.datetime(2026, 1, 15, 12, 0, tzinfo=datetime.timezone.utc)
+    fall_back = datetime.datetime(2026, 10, 25, 0, 30, tzinfo=datetime.timezone.utc)  # fold=1
+    async with sessions() as s:
+        s.add_all([Note(id=1, at=winter), Note(id=2, at=fall_back)])
+        await s.commit()
+
+    async def read() -> tuple[list[datetime.datetime], list[datetime.datetime]]:
+        async with sessions() as s:
+            entities = [n.at for n in await s.scalars(select(Note).order_by(Note.id))]
+            columns = list(await s.scalars(select(Note.at).order_by(Note.id)))
+            return entities, columns
+
+    first = await read()
+    await cache.flush_pending()
+    assert cache.stats()["models"][f"{__name__}.Note"]["fetch"]["stores"] == 2
+    _forget_recent_fills(cache)
+    sql.reset()
+    second = await read()
+    assert sql.selects == 0  # both were served from the cache
+    for miss, hit in zip([*first[0], *first[1]], [*second[0], *second[1]], strict=True):
+        assert hit == miss
+        assert type(hit.tzinfo) is type(miss.tzinfo) is ZoneInfo
+        assert hit.tzinfo.key == miss.tzinfo.key == "Europe/Berlin"
+        assert (hit.utcoffset(), hit.fold, hit.replace(tzinfo=None)) == (
+            miss.utcoffset(),
+            miss.fold,
+            miss.replace(tzinfo=None),
+        )
+
+
 async def test_a_pickled_value_that_cannot_be_rebuilt_is_not_cached(
     make_cache, sessions, field_tables, sql
 ) -> None:
@@ -694,3 +757,37 @@ def test_sync_engines_in_memory_do_not_share_entries(stack: Any) -> None:
         cache.disconnect_sync()
         first.dispose()
         second.dispose()
+
+
+def test_every_tzinfo_the_serializer_accepts_comes_back_the_same() -> None:
+    """Item 16: naive, UTC, plain and named fixed offsets, ZoneInfo: equal values, same tzinfo."""
+    from sqlacache.serialize import Serializer, Snapshot, Unserializable
+
+    base = datetime.datetime(2026, 3, 29, 1, 30)
+    values = [
+        None,
+        base,
+        base.replace(tzinfo=datetime.timezone.utc),
+        base.replace(tzinfo=datetime.timezone(datetime.timedelta(hours=5, minutes=30))),
+        base.replace(tzinfo=datetime.timezone(datetime.timedelta(hours=1), "CET")),
+        base.replace(tzinfo=datetime.timezone.utc).astimezone(ZoneInfo("Europe/Berlin")),
+        base.replace(tzinfo=ZoneInfo("America/New_York")),
+    ]
+    snapshot = Snapshot([], [], [], [False], [[v] for v in values], False)
+    serializer = Serializer()
+    back = [row[0] for row in serializer.loads(serializer.dumps(snapshot), lambda m, k: None).rows]
+    for original, copy_ in zip(values, back, strict=True):
+        assert copy_ == original
+        if original is not None:
+            assert type(copy_.tzinfo) is type(original.tzinfo)
+            assert getattr(copy_.tzinfo, "key", None) == getattr(original.tzinfo, "key", None)
+            assert copy_.tzname() == original.tzname()
+            assert copy_.replace(tzinfo=None) == original.replace(tzinfo=None)
+
+    class OwnZone(datetime.tzinfo):
+        def utcoffset(self, dt: Any) -> datetime.timedelta:
+            return datetime.timedelta(0)
+
+    odd = Snapshot([], [], [], [False], [[base.replace(tzinfo=OwnZone())]], False)
+    with pytest.raises(Unserializable):
+        serializer.dumps(odd)
