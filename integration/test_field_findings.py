@@ -84,3 +84,52 @@ async def test_asyncpg_timestamptz_hits_keep_their_timezone(make_cache, engine, 
     event.listen(engine.sync_engine, "before_cursor_execute", lambda *a: counter.append(a[2]))
     first = await _miss_then_hit(cache, sessions, counter)
     assert {type(v.tzinfo) for v in first} == {datetime.timezone}  # what asyncpg gives
+
+
+# -- item 5 on PostgreSQL: a data-modifying CTE is a write --------------------------------------
+
+from sqlalchemy import update  # noqa: E402
+
+from tests.test_field_findings import _names, _seed_users  # noqa: E402
+
+
+def _renaming_cte(pk: int, name: str) -> Any:
+    cte = update(User).where(User.id == pk).values(name=name).returning(User.id, User.name).cte()
+    return select(cte)
+
+
+async def test_a_data_modifying_cte_is_a_write_of_its_table(cache, sessions, sql) -> None:
+    """Item 5: `select(update(...).returning(...).cte())` leases its table at execute, makes it
+    stale after commit, and its own session reads its writes, not the cache."""
+    await _seed_users(sessions)
+    stmt = select(User).order_by(User.id)
+    for _ in range(2):
+        assert await _names(sessions, stmt) == ["user1", "user2"]
+    async with sessions() as writer:
+        assert (await writer.execute(_renaming_cte(1, "renamed"))).all() == [(1, "renamed")]
+        # the writer sees its own uncommitted write, never the cached entry
+        assert [u.name for u in await writer.scalars(stmt)] == ["renamed", "user2"]
+        assert (await writer.get(User, 1, populate_existing=True)).name == "renamed"
+        # another session reads the committed rows and, under the write lease, fills nothing
+        assert await _names(sessions, stmt) == ["user1", "user2"]
+        await writer.commit()
+    assert await _names(sessions, stmt) == ["renamed", "user2"]
+    async with sessions() as s:
+        assert (await s.get(User, 1)).name == "renamed"
+
+
+async def test_a_rolled_back_data_modifying_cte_releases_its_lease(cache, sessions, sql) -> None:
+    """Item 5: after a rollback, the table is cacheable again and nothing uncommitted was kept."""
+    await _seed_users(sessions)
+    stmt = select(User).order_by(User.id)
+    assert await _names(sessions, stmt) == ["user1", "user2"]
+    async with sessions() as writer:
+        await writer.execute(_renaming_cte(2, "never"))
+        assert await _names(sessions, stmt) == ["user1", "user2"]
+        await writer.rollback()
+    await cache.flush_pending()
+    assert await _names(sessions, stmt) == ["user1", "user2"]
+    await cache.flush_pending()
+    sql.reset()
+    assert await _names(sessions, stmt) == ["user1", "user2"]
+    assert sql.selects == 0  # filled again once the lease was released

@@ -29,7 +29,7 @@ from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.sql.ddl import ExecutableDDLElement
 from sqlalchemy.sql.dml import Delete, Insert, Update, UpdateBase
 from sqlalchemy.sql.elements import TextClause
-from sqlalchemy.sql.selectable import TextualSelect
+from sqlalchemy.sql.selectable import CompoundSelect, Select, TextualSelect
 
 from .database import Database, table_name
 from .ddl import DDL_SQL, ddl_write_names
@@ -190,6 +190,10 @@ class WriteTracker:
         execution_options: Mapping[str, Any],
         result: Any,
     ) -> None:
+        if isinstance(clauseelement, (Select, CompoundSelect, UpdateBase)):
+            compiled = getattr(getattr(result, "context", None), "compiled", None)
+            if getattr(compiled, "ctes", None):
+                self._record_cte_dml(conn, compiled, execution_options)
         if isinstance(clauseelement, UpdateBase):
             db = self.db_for(conn)
             if db is not None:
@@ -248,6 +252,24 @@ class WriteTracker:
             self._complete(conn, tx)
         elif not flushing:
             self._announce(tx)
+
+    def _record_cte_dml(
+        self, conn: Connection, compiled: Any, execution_options: Mapping[str, Any]
+    ) -> None:
+        """A data-modifying CTE (`WITH u AS (UPDATE ... RETURNING ...) SELECT ...`) writes its
+        table like the same DML run alone: leased now, bumped after commit, released on rollback.
+        The compiled statement lists every CTE it renders, nested ones included."""
+        statements = [
+            cte.element
+            for cte in compiled.ctes
+            if isinstance(getattr(cte, "element", None), UpdateBase)
+        ]
+        if not statements:
+            return
+        db = self.db_for(conn)
+        if db is not None:
+            for statement in statements:
+                self._record_dml(conn, db, statement, None, execution_options)
 
     def _record_ddl(
         self,
