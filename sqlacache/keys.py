@@ -67,9 +67,10 @@ def canonical(value: Any) -> str:
     if isinstance(value, datetime.datetime | datetime.date | datetime.time):
         return kind.__name__ + value.isoformat()
     if kind is dict:
-        return (
-            "{" + ",".join(f"{canonical(k)}:{canonical(v)}" for k, v in sorted(value.items())) + "}"
-        )
+        # sorted by the keys' text: keys of different types (a `schema_translate_map` has None
+        # beside strings) do not compare with each other
+        items = sorted((canonical(k), canonical(v)) for k, v in value.items())
+        return "{" + ",".join(f"{k}:{v}" for k, v in items) + "}"
     raise UnstableValue(kind.__qualname__)
 
 
