@@ -38,6 +38,7 @@ from sqlalchemy.orm import (
     Mapped,
     Session,
     column_property,
+    joinedload,
     mapped_column,
     relationship,
     selectinload,
@@ -514,16 +515,17 @@ async def test_the_entitys_own_column_property_reads_its_table(
     assert await counts() == [1, 0]
 
 
+@pytest.mark.parametrize("loader", [selectinload, joinedload], ids=["selectin", "joined"])
 async def test_an_eager_relationship_whose_primaryjoin_reads_a_third_table(
-    cache, sessions, field_tables, sql
+    cache, sessions, field_tables, sql, loader
 ) -> None:
-    """Item 6: `selectinload` of a relationship whose primaryjoin has EXISTS on another table."""
+    """Item 6: an eager load of a relationship whose primaryjoin has EXISTS on another table."""
     await _seed_team(sessions)
-    stmt = select(Team).options(selectinload(Team.decorated)).where(Team.name == "t")
+    stmt = select(Team).options(loader(Team.decorated)).where(Team.name == "t")
 
     async def decorated() -> list[str]:
         async with sessions() as s:
-            team = (await s.scalars(stmt)).one()
+            team = (await s.scalars(stmt)).unique().one()
             return [m.name for m in team.decorated]
 
     assert await decorated() == []
