@@ -48,18 +48,16 @@ def known_tables() -> list[Table]:
 
 def construct_tables(element: Any) -> list[Table] | None:
     """The tables a DDL construct names; None when it cannot say (then: every table)."""
-    if isinstance(element, _HARMLESS):
+    if isinstance(element, _HARMLESS) or isinstance(getattr(element, "element", None), Sequence):
         return []
-    target = getattr(element, "element", None)
     if isinstance(element, sa_ddl.DDL):
-        return None
+        return None  # a text: see `ddl_write_names`
+    target = getattr(element, "element", None)
     if isinstance(target, Table):
         return [target]
     if isinstance(target, (Index, Constraint, Column)):
         table = getattr(target, "table", None)
         return [table] if isinstance(table, Table) else None
-    if isinstance(target, Sequence):
-        return []
     return None
 
 
@@ -92,23 +90,21 @@ def _text_of(element: Any) -> str | None:
 
 
 def _named_in(text: str, schema_map: Mapping[Any, Any] | None) -> set[str]:
-    """Names of known tables the text mentions, also as the schema it qualifies them with."""
+    """Names of known tables the text mentions, also under the schema it qualifies them with."""
+    from .tracking import cascade_targets  # tracking imports this module
+
     by_name: dict[str, list[Table]] = {}
     for table in known_tables():
         by_name.setdefault(table.name.lower(), []).append(table)
+    truncating = "truncate" in text.lower()  # TRUNCATE ... CASCADE empties referencing tables
     names: set[str] = set()
     for first, second in _WORDS.findall(text):
         schema, word = (first, second) if second else (None, first)
-        found = by_name.get(word.lower())
-        if not found:
-            continue
-        for table in found:
+        for table in by_name.get(word.lower(), ()):
             names.add(table_name(table, schema_map))
             if schema:
                 names.add(f"{schema}.{table.name}")
-            if "truncate" in text.lower():
-                from .tracking import cascade_targets
-
+            if truncating:
                 names.update(
                     table_name(t, schema_map) for t in cascade_targets(table, "delete", None)
                 )

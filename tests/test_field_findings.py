@@ -823,3 +823,39 @@ def test_every_tzinfo_the_serializer_accepts_comes_back_the_same() -> None:
     odd = Snapshot([], [], [], [False], [[base.replace(tzinfo=OwnZone())]], False)
     with pytest.raises(Unserializable):
         serializer.dumps(odd)
+
+
+def test_which_tables_a_ddl_statement_writes() -> None:
+    """Item 4: constructs name their tables; texts the known tables they mention, else all."""
+    from sqlalchemy import Index, Sequence, Table
+    from sqlalchemy.schema import (
+        AddConstraint,
+        CreateIndex,
+        CreateSequence,
+        CreateTable,
+        DropSchema,
+        DropTable,
+    )
+
+    from sqlacache.ddl import ddl_write_names, known_tables
+
+    users, seats = User.__table__, Seat.__table__
+    everything = {t.fullname for t in known_tables()}
+    assert {"users", "orders", "seats", "ff_notes"} <= everything
+    assert ddl_write_names(CreateTable(users), None, None) == {"users"}
+    assert ddl_write_names(DropTable(seats), None, {None: "tenant_a"}) == {"tenant_a.seats"}
+    assert ddl_write_names(CreateIndex(Index("ix", users.c.name)), None, None) == {"users"}
+    fk = next(iter(Table("orders", Base.metadata).foreign_key_constraints))
+    assert ddl_write_names(AddConstraint(fk), None, None) == {"orders"}
+    assert ddl_write_names(CreateSequence(Sequence("s")), None, None) == set()
+    assert ddl_write_names(DropSchema("tenant_a", cascade=True), None, None) == everything
+    assert ddl_write_names(DDL("ALTER TABLE users ADD x INT"), None, None) == {"users"}
+    assert ddl_write_names(DDL("CREATE TRIGGER t AFTER INSERT ON %(table)s ..."), None, None) == (
+        everything
+    )
+    attached = DDL("CREATE TRIGGER t ...")
+    attached.target = seats
+    assert ddl_write_names(attached, None, None) == {"seats"}
+    assert ddl_write_names(None, 'DROP TABLE "public"."seats"', None) == {"seats", "public.seats"}
+    assert ddl_write_names(None, "TRUNCATE users CASCADE", None) >= {"users", "orders", "items"}
+    assert ddl_write_names(None, "DROP VIEW some_view", None) == everything
