@@ -827,7 +827,7 @@ def test_every_tzinfo_the_serializer_accepts_comes_back_the_same() -> None:
 
 def test_which_tables_a_ddl_statement_writes() -> None:
     """Item 4: constructs name their tables; texts the known tables they mention, else all."""
-    from sqlalchemy import Index, Sequence, Table
+    from sqlalchemy import Column, Index, Integer, MetaData, Sequence, Table, UniqueConstraint
     from sqlalchemy.schema import (
         AddConstraint,
         CreateIndex,
@@ -844,9 +844,12 @@ def test_which_tables_a_ddl_statement_writes() -> None:
     assert {"users", "orders", "seats", "ff_notes"} <= everything
     assert ddl_write_names(CreateTable(users), None, None) == {"users"}
     assert ddl_write_names(DropTable(seats), None, {None: "tenant_a"}) == {"tenant_a.seats"}
-    assert ddl_write_names(CreateIndex(Index("ix", users.c.name)), None, None) == {"users"}
-    fk = next(iter(Table("orders", Base.metadata).foreign_key_constraints))
-    assert ddl_write_names(AddConstraint(fk), None, None) == {"orders"}
+    # constructs on a table of its own: AddConstraint marks its constraint as created apart, and
+    # an Index joins its table, which must not change the shared test tables
+    probe = Table("ff_probe", MetaData(), Column("a", Integer), UniqueConstraint("a"))
+    assert ddl_write_names(CreateIndex(Index("ix_ff_probe", probe.c.a)), None, None) == {"ff_probe"}
+    unique = next(c for c in probe.constraints if isinstance(c, UniqueConstraint))
+    assert ddl_write_names(AddConstraint(unique), None, None) == {"ff_probe"}
     assert ddl_write_names(CreateSequence(Sequence("s")), None, None) == set()
     assert ddl_write_names(DropSchema("tenant_a", cascade=True), None, None) == everything
     assert ddl_write_names(DDL("ALTER TABLE users ADD x INT"), None, None) == {"users"}
