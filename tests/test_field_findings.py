@@ -644,7 +644,7 @@ async def test_a_value_the_cache_cannot_copy_is_not_cached_and_never_raises(
 async def test_a_str_subclass_value_never_comes_back_as_plain_str(
     cache, sessions, field_tables
 ) -> None:
-    """Item 13 (C9): a hit returns the same type as the uncached read, or is not cached."""
+    """Item 13: a hit returns the same type as the uncached read, or is not cached."""
     async with sessions() as s:
         s.add(Note(id=1, plain="hello"))
         await s.commit()
@@ -660,7 +660,7 @@ async def test_a_str_subclass_value_never_comes_back_as_plain_str(
 async def test_an_application_uuid_subclass_never_comes_back_as_uuid(
     cache, sessions, field_tables
 ) -> None:
-    """Item 13 (C9): only a driver's UUID subclass may become uuid.UUID on a hit."""
+    """Item 13: only a driver's UUID subclass may become uuid.UUID on a hit."""
     async with sessions() as s:
         s.add(Note(id=1, ident=uuid.uuid4()))
         await s.commit()
