@@ -242,7 +242,12 @@ class Serializer:
     # -- public --
 
     def dumps(self, snapshot: Snapshot) -> bytes:
-        body = self._pickle(snapshot) if self.pickle else self._json(snapshot)
+        try:
+            body = self._pickle(snapshot) if self.pickle else self._json(snapshot)
+        except Unserializable:
+            raise
+        except Exception as exc:  # a value's own methods may raise: not cached, never an error
+            raise Unserializable(f"{type(exc).__name__}: {exc}") from None
         tag = b"P" if self.pickle else b"J"
         if self.compress == "zlib":
             body, ctag = zlib.compress(body, 3), b"z"

@@ -926,3 +926,18 @@ async def test_a_disposed_engine_still_tracks_its_writes(make_cache, tmp_path: P
     finally:
         await reader.dispose()
         await writer.dispose()
+
+
+def test_a_value_whose_encoding_raises_is_unserializable_not_an_error() -> None:
+    """Item 13: whatever a value's own methods raise while it is encoded, the result is refused
+    with `Unserializable` (counted as a bypass), never passed on to the application."""
+    from sqlacache.serialize import Serializer, Snapshot, Unserializable
+
+    class Broken(datetime.tzinfo):
+        def utcoffset(self, dt: Any) -> datetime.timedelta:
+            raise RuntimeError("no offset today")
+
+    value = datetime.datetime(2026, 1, 1, tzinfo=Broken())
+    for serializer in (Serializer(), Serializer("pickle", secret=b"k" * 32)):
+        with pytest.raises(Unserializable):
+            serializer.dumps(Snapshot([], [], [], [False], [[value]], False))
