@@ -6,6 +6,8 @@ Everything here depends only on the statement's shape, so it is computed once pe
 
 from __future__ import annotations
 
+import functools
+import re
 import threading
 import uuid
 from collections import OrderedDict
@@ -23,6 +25,7 @@ from sqlalchemy.sql.elements import (
     BinaryExpression,
     BindParameter,
     BooleanClauseList,
+    ColumnClause,
     Label,
     TextClause,
 )
@@ -243,15 +246,68 @@ def _for_update(statement: Any) -> bool:
 
 
 def _scan(core: Any, volatile: frozenset[str]) -> str | None:
-    """Reasons found anywhere in the statement: raw text fragments, volatile functions."""
+    """Reasons found anywhere in the statement: raw text fragments, volatile functions.
+
+    A volatile function is found whether the statement calls it through `func` or writes it in
+    a SQL text fragment (`literal_column("random()")`, `text()` in a column or a clause). Of the
+    fragments without one, a `text()` is still never cached: it is SQLAlchemy's way to write a
+    whole clause (`select_from(text(...))`, a subquery), so it may read tables nobody can see.
+    A literal column cannot be a FROM, so it reads nothing unless it holds a subquery: one that
+    shows no sign of one (`literal_column("1")`, `literal_column("a + 1")`) is cached.
+    """
+    pattern = _volatile_pattern(volatile)
+    reason: str | None = None
     for element in visitors.iterate(core):
         if isinstance(element, TextClause):
-            return "text"
-        if isinstance(element, FunctionElement):
+            if pattern.search(element.text):
+                return "volatile_function"
+            reason = "text"
+        elif isinstance(element, ColumnClause) and element.is_literal:
+            if pattern.search(element.name):
+                return "volatile_function"
+            if _READS_RELATIONS.search(element.name):
+                reason = "text"
+        elif isinstance(element, FunctionElement):
             name = getattr(element, "name", "") or type(element).__name__
             if str(name).lower() in volatile or type(element).__name__ == "next_value":
                 return "volatile_function"
-    return None
+    return reason
+
+
+#: SQL keywords by which a text fragment could reach a table
+_READS_RELATIONS = re.compile(
+    r"(?<![\w$])(select|from|join|table|values|with|lateral|into|update|delete|insert)(?![\w$])",
+    re.IGNORECASE,
+)
+
+#: volatile functions that SQL lets one write without parentheses
+_PARENLESS = frozenset(
+    {
+        "current_timestamp",
+        "current_date",
+        "current_time",
+        "current_user",
+        "current_role",
+        "current_schema",
+        "current_catalog",
+        "session_user",
+        "system_user",
+        "user",
+        "localtime",
+        "localtimestamp",
+        "sysdate",
+        "utc_timestamp",
+    }
+)
+
+
+@functools.lru_cache(maxsize=16)
+def _volatile_pattern(volatile: frozenset[str]) -> re.Pattern[str]:
+    """Calls `name(` of any volatile function, and the bare words of the parenthesis-less ones."""
+    names = sorted(volatile, key=len, reverse=True)
+    calls = "|".join(re.escape(n) for n in names) or "(?!)"
+    bare = "|".join(re.escape(n) for n in names if n in _PARENLESS) or "(?!)"
+    return re.compile(rf"(?<![\w$])(?:(?:{calls})\s*\(|(?:{bare})(?![\w$]))", re.IGNORECASE)
 
 
 def _scan_cte_dml(core: Any) -> Iterator[bool]:
@@ -434,8 +490,8 @@ def eager_dependencies(
             continue
         seen.add(mapper)
         mappers.add(mapper)
-        for table in mapper.tables:
-            if isinstance(table, Table) and table not in tables:
+        for table in mapper_tables(mapper):
+            if table not in tables:
                 tables.append(table)
         for prop in mapper.relationships:
             if prop.lazy in EAGER_STRATEGIES:
@@ -445,9 +501,61 @@ def eager_dependencies(
 
 
 def _add_relationship(prop: RelationshipProperty[Any], tables: list[Table]) -> None:
-    for table in (*prop.mapper.tables, prop.secondary):
-        if isinstance(table, Table) and table not in tables:
+    for table in relationship_tables(prop):
+        if table not in tables:
             tables.append(table)
+
+
+_MAPPER_TABLES: dict[Mapper[Any], tuple[Table, ...]] = {}
+_RELATIONSHIP_TABLES: dict[RelationshipProperty[Any], tuple[Table, ...]] = {}
+
+
+def mapper_tables(mapper: Mapper[Any]) -> tuple[Table, ...]:
+    """Every table loading an instance of `mapper` reads: its own, those its column properties
+    read (a correlated subquery on a third table), and its `with_polymorphic` selectable's."""
+    found = _MAPPER_TABLES.get(mapper)
+    if found is None:
+        out = [t for t in mapper.tables if isinstance(t, Table)]
+        for prop in mapper.column_attrs:
+            for column in prop.columns:
+                out.extend(expression_tables(column))
+        polymorphic = getattr(mapper, "_with_polymorphic_selectable", None)
+        if polymorphic is not None:
+            out.extend(expression_tables(polymorphic))
+        found = tuple(dict.fromkeys(out))
+        _MAPPER_TABLES[mapper] = found
+    return found
+
+
+def relationship_tables(prop: RelationshipProperty[Any]) -> tuple[Table, ...]:
+    """Every table loading a relationship reads: the target's (see `mapper_tables`), the
+    association table, and any other table its primaryjoin/secondaryjoin name (EXISTS, IN)."""
+    found = _RELATIONSHIP_TABLES.get(prop)
+    if found is None:
+        out: list[Table] = []
+        for mapper in prop.mapper.self_and_descendants:
+            out.extend(mapper_tables(mapper))
+        if isinstance(prop.secondary, Table):
+            out.append(prop.secondary)
+        elif prop.secondary is not None:
+            out.extend(expression_tables(prop.secondary))
+        for join in (prop.primaryjoin, prop.secondaryjoin):
+            if join is not None:
+                out.extend(expression_tables(join))
+        found = tuple(dict.fromkeys(out))
+        _RELATIONSHIP_TABLES[prop] = found
+    return found
+
+
+def expression_tables(expression: Any) -> Iterator[Table]:
+    """Tables an expression reads: those in it, and those of the columns it names."""
+    for element in visitors.iterate(expression):
+        if isinstance(element, Table):
+            yield _plain(element)
+        elif isinstance(element, ColumnClause):
+            table = getattr(element, "table", None)
+            if isinstance(table, Table):
+                yield _plain(table)
 
 
 def _option_relationships(statement: Any) -> Iterator[RelationshipProperty[Any]]:
@@ -528,26 +636,47 @@ def result_shape(compiled: Any, compile_state: Any, statement: Any) -> ResultSha
 
 
 class _MapperIndex:
-    """Which mapper owns a table, refreshed when new mappers are configured."""
+    """Which mapper owns a table, refreshed when new mappers are configured.
+
+    Applications (and their test suites, on purpose) may hold classes that failed to map or to
+    configure; those are skipped here, never raised: they concern their own queries only.
+    """
 
     def __init__(self) -> None:
         self._by_table: dict[Table, Mapper[Any]] = {}
         self._count = -1
 
     def _mappers(self) -> list[Mapper[Any]]:
-        return [m for registry in list(_mapper_registries) for m in registry.mappers]
+        found: list[Mapper[Any]] = []
+        for registry in list(_mapper_registries):
+            # `registry.mappers` raises for a class whose mapping failed half way
+            for manager in list(getattr(registry, "_managers", ())):
+                if not getattr(manager, "is_mapped", False):
+                    continue
+                try:
+                    mapper = manager.mapper
+                except Exception:
+                    continue
+                if not getattr(mapper, "_configure_failed", False):
+                    found.append(mapper)
+        return found
 
     def refresh(self) -> None:
-        mappers = self._mappers()
+        try:
+            mappers = self._mappers()
+        except Exception:  # a registry changing under us: keep the last index
+            return
         if len(mappers) == self._count:
             return
         by_table: dict[Table, Mapper[Any]] = {}
         for mapper in mappers:
-            table = mapper.local_table
-            current = by_table.get(table)  # type: ignore[call-overload]
+            table = getattr(mapper, "local_table", None)
+            if not isinstance(table, Table):
+                continue
+            current = by_table.get(table)
             # single-table inheritance: the base mapper owns the table
             if current is None or (current.isa(mapper) and current is not mapper):
-                by_table[table] = mapper  # type: ignore[index]
+                by_table[table] = mapper
         self._by_table = by_table
         self._count = len(mappers)
 

@@ -6,6 +6,10 @@ alike, so two tenants' `users` tables have separate versions (SPEC C7).
 
 from __future__ import annotations
 
+import logging
+import os
+import uuid
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,20 +18,84 @@ from sqlalchemy.engine import Connection, Engine
 
 from .analysis import PlanCache
 
+logger = logging.getLogger("sqlacache")
+
 SNAPSHOT_ISOLATION = frozenset({"REPEATABLE READ", "SERIALIZABLE", "SNAPSHOT"})
 
 
 def database_identity(engine: Engine) -> str:
-    """`host:port/dbname` of the engine URL (a file path for SQLite)."""
+    """`host:port/dbname` of the engine URL (an absolute file path for SQLite).
+
+    An engine whose URL names no shared database (in-memory SQLite, `sqlite://`, a creator with
+    no URL) gets an identity of its own: two such engines hold different data, so they must
+    never share entries. A named shared-cache memory database is shared by the engines of one
+    process only.
+    """
     url = engine.url
-    if url.get_backend_name() == "sqlite":
-        return f"sqlite:{url.database or ':memory:'}"
-    port = url.port
-    if port is None:
-        port = getattr(engine.dialect, "default_port", None) or _DEFAULT_PORTS.get(
-            url.get_backend_name(), ""
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        return _sqlite_identity(engine)
+    query = url.query
+    host = url.host or _query_value(query, "host")
+    database = url.database or _query_value(query, "dbname") or _query_value(query, "database")
+    if not host and not database:
+        logger.warning(
+            "sqlacache: the URL of engine %r names no database, so its cache entries are its "
+            "own: writes made through other engines or processes do not reach them. Pass "
+            "bind(engine, database_id=...) to name the database it connects to.",
+            url.render_as_string(hide_password=True),
         )
-    return f"{url.host or 'localhost'}:{port}/{url.database or ''}"
+        return f"private:{backend}:{_engine_token(engine)}"
+    port = url.port or _query_value(query, "port")
+    if port is None:
+        port = getattr(engine.dialect, "default_port", None) or _DEFAULT_PORTS.get(backend, "")
+    return f"{host or 'localhost'}:{port}/{database or ''}"
+
+
+def _query_value(query: Mapping[str, Any], name: str) -> str | None:
+    value = query.get(name)
+    if isinstance(value, tuple):
+        value = value[0] if value else None
+    return str(value) if value else None
+
+
+def _sqlite_identity(engine: Engine) -> str:
+    url = engine.url
+    database = url.database or ""
+    query = {k: _query_value(url.query, k) for k in url.query}
+    if database in ("", ":memory:"):
+        return f"sqlite:private:{_engine_token(engine)}"
+    if database.startswith("file:"):
+        path, _, uri_query = database[len("file:") :].partition("?")
+        options = {**dict(_uri_pairs(uri_query)), **{k: v for k, v in query.items() if v}}
+        if path in ("", ":memory:") or options.get("mode") == "memory":
+            if options.get("cache") == "shared":  # shared by name among this process' connections
+                return f"sqlite:memory:{path}:{_process_token()}"
+            return f"sqlite:private:{_engine_token(engine)}"
+        database = path
+    return f"sqlite:{os.path.abspath(database)}"
+
+
+def _uri_pairs(uri_query: str) -> list[tuple[str, str]]:
+    return [(k, v) for k, _, v in (p.partition("=") for p in uri_query.split("&") if p)]
+
+
+#: per pool, since an option engine (`engine.execution_options(...)`) shares its database
+_ENGINE_TOKENS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+_PROCESS_TOKEN = uuid.uuid4().hex
+
+
+def _engine_token(engine: Engine) -> str:
+    token = _ENGINE_TOKENS.get(engine.pool)
+    if token is None:
+        token = f"{_process_token()}:{uuid.uuid4().hex[:12]}"
+        _ENGINE_TOKENS[engine.pool] = token
+    return token
+
+
+def _process_token() -> str:
+    # a forked child's memory databases are copies that diverge from the parent's from then on
+    return f"{_PROCESS_TOKEN[:12]}-{os.getpid()}"
 
 
 _DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1433, "oracle": 1521}

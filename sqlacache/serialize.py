@@ -23,6 +23,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from zoneinfo import ZoneInfo
 
 FORMAT_VERSION = 2
 
@@ -98,10 +99,12 @@ def _column_codec(values: Sequence[Any]) -> str:
         kind = next(iter(kinds))
         codec = _KIND_CODECS.get(kind)
         if codec is not None:
-            if codec in ("dt", "t") and not _fixed_offsets(values):
-                raise Unserializable("a time with a named time zone")
+            if codec == "dt":
+                return _datetime_codec(values)
+            if codec == "t" and not _fixed_offsets(values):
+                raise Unserializable("a time of day with a named time zone")
             return codec
-        if issubclass(kind, uuid.UUID):  # driver subclasses (asyncpg)
+        if issubclass(kind, uuid.UUID) and _is_driver_type(kind):  # asyncpg's UUID
             return "u"
         if issubclass(kind, enum.Enum):
             return "e"
@@ -110,20 +113,80 @@ def _column_codec(values: Sequence[Any]) -> str:
         if all(_is_json_native(v) for v in values):
             return ""
         raise Unserializable("a JSON value holding values JSON cannot carry")
-    if all(issubclass(k, uuid.UUID) for k in kinds):
+    if all(issubclass(k, uuid.UUID) and _is_driver_type(k) for k in kinds):
         return "u"
     raise Unserializable(f"a column of {', '.join(sorted(k.__qualname__ for k in kinds))}")
 
 
+#: packages of database drivers: their subclasses of a standard type may become that base type on
+#: a hit (as documented). An application's own subclass comes back as itself, or is not cached.
+_DRIVER_PACKAGES = frozenset(
+    {"asyncpg", "psycopg", "psycopg2", "pg8000", "pymysql", "MySQLdb", "aiomysql", "asyncmy"}
+    | {"oracledb", "cx_Oracle", "pyodbc", "aioodbc", "sqlite3", "aiosqlite", "uuid"}
+)
+
+
+def _is_driver_type(kind: type) -> bool:
+    return kind.__module__.partition(".")[0] in _DRIVER_PACKAGES
+
+
 def _fixed_offsets(values: Sequence[Any]) -> bool:
-    zones = {type(v.tzinfo) for v in values if v is not None}
-    return zones <= {_NONE, datetime.timezone}
+    """Whether ISO format carries every value's tzinfo exactly (none, or an unnamed offset)."""
+    zones = {v.tzinfo for v in values if v is not None}
+    return all(z is None or (type(z) is datetime.timezone and _plain_offset(z)) for z in zones)
+
+
+def _plain_offset(zone: datetime.timezone) -> bool:
+    """A fixed offset that `fromisoformat` gives back as an equal object with the same name."""
+    return zone is datetime.timezone.utc or zone.tzname(None) == datetime.timezone(
+        zone.utcoffset(None)
+    ).tzname(None)
+
+
+def _datetime_codec(values: Sequence[Any]) -> str:
+    """ "dt" (ISO text) when that carries every tzinfo; "dz" (ISO text plus the zone) otherwise.
+
+    psycopg 3 returns `zoneinfo.ZoneInfo` time zones and a hit must return the same tzinfo as
+    the database read did, so the zone is stored by its key and restored as that ZoneInfo.
+    """
+    if _fixed_offsets(values):
+        return "dt"
+    for zone in {v.tzinfo for v in values if v is not None}:
+        if zone is None or type(zone) is datetime.timezone:
+            continue
+        if type(zone) is not ZoneInfo or not zone.key:
+            raise Unserializable(f"a datetime with a {type(zone).__qualname__} time zone")
+    return "dz"
+
+
+def _encode_zoned(value: datetime.datetime) -> Any:
+    zone = value.tzinfo
+    text = value.isoformat()
+    if zone is None or (type(zone) is datetime.timezone and _plain_offset(zone)):
+        return text
+    if type(zone) is ZoneInfo:
+        return [text, zone.key]
+    offset = zone.utcoffset(None)
+    assert offset is not None  # a datetime.timezone always has one
+    return [text, offset.total_seconds(), zone.tzname(None)]
+
+
+def _decode_zoned(value: Any) -> datetime.datetime:
+    if type(value) is str:
+        return datetime.datetime.fromisoformat(value)
+    moment = datetime.datetime.fromisoformat(value[0])
+    if len(value) == 2:
+        # the same instant in the named zone: wall time and fold as the database read gave them
+        return moment.astimezone(ZoneInfo(value[1]))
+    zone = datetime.timezone(datetime.timedelta(seconds=value[1]), value[2])
+    return moment.astimezone(zone)
 
 
 _ISOFORMAT = operator.methodcaller("isoformat")  # C-level: no Python frame per value
 
 _ENCODERS: dict[str, Callable[[Any], Any]] = {
     "dt": _ISOFORMAT,
+    "dz": _encode_zoned,
     "da": _ISOFORMAT,
     "t": _ISOFORMAT,
     "td": lambda v: [v.days, v.seconds, v.microseconds],
@@ -135,6 +198,7 @@ _ENCODERS: dict[str, Callable[[Any], Any]] = {
 
 _DECODERS: dict[str, Callable[[Any], Any]] = {
     "dt": datetime.datetime.fromisoformat,
+    "dz": _decode_zoned,
     "da": datetime.date.fromisoformat,
     "t": datetime.time.fromisoformat,
     "td": lambda v: datetime.timedelta(days=v[0], seconds=v[1], microseconds=v[2]),
@@ -178,11 +242,12 @@ class Serializer:
     # -- public --
 
     def dumps(self, snapshot: Snapshot) -> bytes:
-        body = (
-            pickle.dumps(snapshot, protocol=pickle.HIGHEST_PROTOCOL)
-            if self.pickle
-            else self._json(snapshot)
-        )
+        try:
+            body = self._pickle(snapshot) if self.pickle else self._json(snapshot)
+        except Unserializable:
+            raise
+        except Exception as exc:  # a value's own methods may raise: not cached, never an error
+            raise Unserializable(f"{type(exc).__name__}: {exc}") from None
         tag = b"P" if self.pickle else b"J"
         if self.compress == "zlib":
             body, ctag = zlib.compress(body, 3), b"z"
@@ -240,6 +305,16 @@ class Serializer:
         if tag != b"J":
             raise PayloadError("unknown payload format")
         return self._from_json(json.loads(body), enum_for)
+
+    def _pickle(self, snapshot: Snapshot) -> bytes:
+        """Pickle, and unpickle once: a value that pickles but cannot be rebuilt (a constructor
+        needing more arguments) would fail every hit instead of being refused once."""
+        try:
+            body = pickle.dumps(snapshot, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.loads(body)
+        except Exception as exc:
+            raise Unserializable(f"a value pickle cannot carry: {type(exc).__name__}") from None
+        return body
 
     def _json(self, snapshot: Snapshot) -> bytes:
         """Column-major JSON: per mapper, one list per attribute; rows as columns too."""

@@ -20,7 +20,7 @@ from sqlalchemy.engine.result import IteratorResult, Result
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_state
 
-from .analysis import Plan, ResultShape
+from .analysis import Plan, ResultShape, mapper_tables, relationship_tables
 from .serialize import PayloadError, Snapshot
 
 
@@ -67,12 +67,23 @@ def _mutable_positions(mapper: Mapper[Any]) -> tuple[int, ...]:
     return found
 
 
+class _Uncopyable(Exception):
+    """A value `copy.deepcopy` cannot rebuild (a type whose constructor needs more arguments)."""
+
+
 def _own(values: list[Any], positions: tuple[int, ...]) -> None:
     """Deep-copy the mutable values at `positions`, in place."""
     for position in positions:
         value = values[position]
         if value is not None and type(value) not in _IMMUTABLE_SCALARS:
-            values[position] = copy.deepcopy(value)
+            values[position] = _copy(value)
+
+
+def _copy(value: Any) -> Any:
+    try:
+        return copy.deepcopy(value)
+    except Exception as exc:  # any type's own copy protocol may fail: never the caller's error
+        raise _Uncopyable(type(value).__qualname__) from exc
 
 
 _IMMUTABLE_SCALARS = frozenset({str, int, float, bool, bytes})
@@ -181,8 +192,8 @@ class _Freezer:
     def _check_mapper(self, mapper: Mapper[Any]) -> None:
         if mapper not in self.plan.mappers:
             self.new_mappers.add(mapper)
-        for table in mapper.tables:
-            if isinstance(table, Table) and table not in self.plan.table_set:
+        for table in mapper_tables(mapper):
+            if table not in self.plan.table_set:
                 self.missing_tables.add(table)
 
     def drain(self) -> None:
@@ -202,7 +213,10 @@ class _Freezer:
                 values = [None if value is _ABSENT else value for value in full]
             if shape.mutable and any(values[i] is not None for i in shape.mutable):
                 values = list(values)
-                _own(values, shape.mutable)
+                try:
+                    _own(values, shape.mutable)
+                except _Uncopyable as exc:
+                    raise NotSnapshottable("uncopyable_value") from exc
             self.entities[position] = (mapper_position, values, missing, rels)
             loaded = shape.relationship_keys & dict_.keys()
             if not loaded:
@@ -222,8 +236,8 @@ class _Freezer:
                     rels[prop.key] = self.ref(value)
 
     def _check_relationship(self, prop: Any) -> None:
-        for table in (*prop.mapper.tables, prop.secondary):
-            if isinstance(table, Table) and table not in self.plan.table_set:
+        for table in relationship_tables(prop):
+            if table not in self.plan.table_set:
                 self.missing_tables.add(table)
 
 
@@ -247,15 +261,18 @@ def freeze(
         # the rows' own width: legacy `Query` aggregates have unnamed columns, no keys at all
         width = len(rows[0]) if rows else len(shape.metadata.keys)
         entity_columns = [_is_entity_column(rows, i) for i in range(width)]
-        for row in rows:
-            out_rows.append(
-                [
-                    freezer.ref(cell)
-                    if entity_columns[i]
-                    else (copy.deepcopy(cell) if type(cell) in _MUTABLE_TYPES else cell)
-                    for i, cell in enumerate(row)
-                ]
-            )
+        try:
+            for row in rows:
+                out_rows.append(
+                    [
+                        freezer.ref(cell)
+                        if entity_columns[i]
+                        else (_copy(cell) if type(cell) in _MUTABLE_TYPES else cell)
+                        for i, cell in enumerate(row)
+                    ]
+                )
+        except _Uncopyable as exc:
+            raise NotSnapshottable("uncopyable_value") from exc
     freezer.drain()
     snapshot = Snapshot(
         mappers=freezer.mappers,
@@ -318,7 +335,10 @@ def thaw(
         keys, pk_positions, identity_class, new_instance, mutable = kinds[mapper_position]
         if mutable:
             values = list(values)
-            _own(values, mutable)
+            try:
+                _own(values, mutable)
+            except _Uncopyable as exc:
+                raise PayloadError(f"uncopyable value: {exc}") from None
         # the identity key, as Mapper.identity_key_from_primary_key builds it
         identity = (identity_class, tuple([values[i] for i in pk_positions]), identity_token)
         existing = get_existing(identity)
@@ -356,15 +376,18 @@ def thaw(
     if snapshot.single_entity:
         return [None if ref is None else objects[ref] for ref in snapshot.rows]
     columns = snapshot.entity_columns
-    return [
-        tuple(
-            (None if cell is None else objects[cell])
-            if columns[i]
-            else (copy.deepcopy(cell) if shared and type(cell) in _MUTABLE_TYPES else cell)
-            for i, cell in enumerate(row)
-        )
-        for row in snapshot.rows
-    ]
+    try:
+        return [
+            tuple(
+                (None if cell is None else objects[cell])
+                if columns[i]
+                else (_copy(cell) if shared and type(cell) in _MUTABLE_TYPES else cell)
+                for i, cell in enumerate(row)
+            )
+            for row in snapshot.rows
+        ]
+    except _Uncopyable as exc:
+        raise PayloadError(f"uncopyable value: {exc}") from None
 
 
 def _fill_unloaded(state: Any, keys: list[str], values: Sequence[Any], missing: list[int]) -> None:

@@ -26,12 +26,14 @@ from sqlalchemy import Table, event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.sql.ddl import ExecutableDDLElement
 from sqlalchemy.sql.dml import Delete, Insert, Update, UpdateBase
 from sqlalchemy.sql.elements import TextClause
-from sqlalchemy.sql.selectable import TextualSelect
+from sqlalchemy.sql.selectable import CompoundSelect, Select, TextualSelect
 
 from ._sqla import CACHE_OWN_SESSION
 from .database import Database, table_name
+from .ddl import DDL_SQL, ddl_write_names
 from .errors import CacheUnavailable
 from .invalidation import Invalidator
 from .keys import UnstableValue, pk_text
@@ -194,17 +196,27 @@ class WriteTracker:
         execution_options: Mapping[str, Any],
         result: Any,
     ) -> None:
+        if isinstance(clauseelement, (Select, CompoundSelect, UpdateBase)):
+            compiled = getattr(getattr(result, "context", None), "compiled", None)
+            if getattr(compiled, "ctes", None):
+                self._record_cte_dml(conn, compiled, execution_options)
         if isinstance(clauseelement, UpdateBase):
             db = self.db_for(conn)
             if db is not None:
                 parameters = multiparams[0] if multiparams else params
                 self._record_dml(conn, db, clauseelement, parameters, execution_options)
+        elif isinstance(clauseelement, ExecutableDDLElement):
+            db = self.db_for(conn)
+            if db is not None:
+                self._record_ddl(conn, db, clauseelement, None, execution_options)
         elif isinstance(clauseelement, (TextClause, TextualSelect, str)):
             text = clauseelement if isinstance(clauseelement, str) else _text_of(clauseelement)
             if not _READ_ONLY_SQL.match(text):
                 db = self.db_for(conn)
                 if db is not None:
                     self._record_raw_sql(conn, db)
+                    if DDL_SQL.match(text):
+                        self._record_ddl(conn, db, None, text, execution_options)
 
     def _record_dml(
         self,
@@ -245,6 +257,54 @@ class WriteTracker:
         if db.autocommit(conn):
             self._complete(conn, tx)
         elif not flushing:
+            self._announce(tx)
+
+    def _record_cte_dml(
+        self, conn: Connection, compiled: Any, execution_options: Mapping[str, Any]
+    ) -> None:
+        """A data-modifying CTE (`WITH u AS (UPDATE ... RETURNING ...) SELECT ...`) writes its
+        table like the same DML run alone: leased now, bumped after commit, released on rollback.
+        The compiled statement lists every CTE it renders, nested ones included."""
+        statements = [
+            cte.element
+            for cte in compiled.ctes
+            if isinstance(getattr(cte, "element", None), UpdateBase)
+        ]
+        if not statements:
+            return
+        db = self.db_for(conn)
+        if db is not None:
+            for statement in statements:
+                self._record_dml(conn, db, statement, None, execution_options)
+
+    def _record_ddl(
+        self,
+        conn: Connection,
+        db: Database,
+        element: Any,
+        text: str | None,
+        execution_options: Mapping[str, Any],
+    ) -> None:
+        """DDL changes its tables' contents without DML: a table-wide write of each."""
+        try:
+            schema_map = db.schema_map(conn._execution_options, execution_options)
+            names = ddl_write_names(element, text, schema_map)
+        except Exception:  # never let the cache break a migration; evicting all is safe
+            logger.exception("sqlacache: could not tell which tables a DDL statement changes")
+            names = ddl_write_names(None, "", None)
+        if names:
+            self._record_table_wide(conn, db, names)
+
+    def _record_table_wide(self, conn: Connection, db: Database, names: set[str]) -> None:
+        tx = self._tx(conn, db)
+        frame = tx.top
+        frame.tables.update(names)
+        frame.table_wide.update(names)
+        if tx.owner is not None:
+            tx.owner.written.update(names)
+        if db.autocommit(conn):
+            self._complete(conn, tx)
+        elif not (tx.owner is not None and tx.owner.flushing):
             self._announce(tx)
 
     def _record_raw_sql(self, conn: Connection, db: Database) -> None:
