@@ -117,8 +117,8 @@ class FloorCache:
         parameters: Any = state.parameters
         key = (
             cache_key.key,
-            tuple(bp.effective_value for bp in cache_key.bindparams),
-            tuple(sorted(parameters.items())) if parameters else (),
+            tuple(_hashable(bp.effective_value) for bp in cache_key.bindparams),
+            tuple(sorted((k, _hashable(v)) for k, v in parameters.items())) if parameters else (),
         )
         frozen = self.results.get(key)
         if frozen is None:
@@ -129,6 +129,11 @@ class FloorCache:
 
 
 _merge: Any = merge_frozen_result  # untyped in SQLAlchemy
+
+
+def _hashable(value: Any) -> Any:
+    """An expanding IN's list of values (a selectin load's keys) as a dict key."""
+    return tuple(map(_hashable, value)) if isinstance(value, list) else value
 
 
 def floor_sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -15,6 +15,7 @@ without writes the request must send no SQL at all. The models live here, beside
 from __future__ import annotations
 
 import datetime
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,9 +106,7 @@ def page(number: int) -> Page:
 STEPS = ("current user", "post list", "count", "post by pk", "comments (lazy)")
 
 
-async def request(
-    session: AsyncSession, p: Page, step: Callable[[str], None] | None = None
-) -> int:
+async def request(session: AsyncSession, p: Page, step: Callable[[str], None] | None = None) -> int:
     """One page's reads; `step(name)` is called after each read (the probe's hook)."""
     mark = step or (lambda _name: None)
     me = await session.get(User, p.me)
@@ -142,7 +141,9 @@ async def write_one_post(sessions: async_sessionmaker[AsyncSession], value: int)
     async with sessions() as session:
         post = await session.get(Post, WRITTEN_POST)
         assert post is not None
-        post.title = f"edited {value}"
+        title = f"edited {value} at {time.time_ns()}"  # never the value it has: a real UPDATE
+        assert post.title != title
+        post.title = title
         await session.commit()
 
 
@@ -228,7 +229,9 @@ async def measure(
     out["cold"] = await probe(sessions, stats, sql, 0)
     await settle()
     out["warm"] = await probe(sessions, stats, sql, 0)
+    writes = sql.writes
     await write_one_post(sessions, 0)
+    assert sql.writes > writes, "the write sent no UPDATE"
     await settle()
     out["after_write"] = await probe(sessions, stats, sql, 0)
     await settle()

@@ -16,11 +16,12 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import realistic
 import sqlalchemy
 from harness import (
     HOT_ROWS,
@@ -44,11 +45,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 import sqlacache
 
+# Where the bench runs (see bench/README.md): the database is created if missing; its `users`,
+# `posts` and `comments` tables are dropped and recreated. In Redis only keys under `bench:` are
+# written and deleted, never the rest of the db.
 PG_URL = os.environ.get(
-    "SQLACACHE_BENCH_PG", "postgresql+asyncpg://postgres@127.0.0.1:5432/h_bench"
+    "SQLACACHE_BENCH_PG", "postgresql+asyncpg://postgres@127.0.0.1:5432/sqlacache_bench"
 )
 REDIS_URL = os.environ.get("SQLACACHE_BENCH_REDIS", "redis://127.0.0.1:6379/12")
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(
+    os.environ.get("SQLACACHE_BENCH_RESULTS", Path(__file__).resolve().parent / "results")
+)
 
 Sessions = async_sessionmaker[AsyncSession]
 
@@ -138,6 +144,32 @@ ROUND_TRIP_COMMIT_PKS = (15_001, 16_000)
 STAMPEDE_PKS = (19_901, 19_902)
 FIRST_BURST_PK = 19_900
 STAMPEDE_FETCH_LOW = 18_500
+
+
+# -- the backends ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One phase of the run: every measurement with the cache configured this way.
+
+    `label` names the phase in the JSON and in `report.bars`. A variant is one more entry in
+    `backends()`, e.g. the in-process tier in front of Redis once it exists:
+        Backend("redis_tier", redis_url, {"local_tier": {...}}, uses_redis=True)
+    and its bars in `report.BARS` (they print "n/a (not built)" until then).
+    """
+
+    label: str
+    url: str
+    options: Mapping[str, Any] = field(default_factory=dict)  # more `configure()` arguments
+    uses_redis: bool = False
+
+
+def backends(redis_url: str | None) -> list[Backend]:
+    out = [Backend("mem", "mem://")]
+    if redis_url:
+        out.append(Backend("redis", redis_url, uses_redis=True))
+    return out
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -248,7 +280,8 @@ async def main(settings: Settings) -> int:
         versions["redis"] = "Redis " + await meter.prepare()
 
     plain = make_engine(db_url)
-    await create_schema(plain)
+    await create_schema(plain)  # users, and the (empty) posts and comments of P10
+    await realistic.seed(plain)
     floor = FloorCache()
     floor.install()
     sql = SQLCounter()
@@ -272,13 +305,13 @@ async def main(settings: Settings) -> int:
     for note in notes:
         print("NOTE:", note)
 
-    backends = ["mem://"] + ([redis_url] if redis_url else [])
     phases: dict[str, Any] = {}
     try:
-        for backend in backends:
-            label = "redis" if backend.startswith("redis") else "mem"
-            print(f"... measuring {label}:// ({time.perf_counter() - started:.0f}s)", flush=True)
-            phases[label] = await run_phase(env, backend)
+        for backend in backends(redis_url):
+            print(
+                f"... measuring {backend.label} ({time.perf_counter() - started:.0f}s)", flush=True
+            )
+            phases[backend.label] = await run_phase(env, backend)
     finally:
         floor.remove()
         sql.unlisten()
@@ -317,22 +350,23 @@ async def main(settings: Settings) -> int:
     return 0
 
 
-async def run_phase(env: Env, backend: str) -> dict[str, Any]:
+async def run_phase(env: Env, backend: Backend) -> dict[str, Any]:
     """Every measurement on one backend, with the cache bound to a fresh engine of its own."""
-    is_redis = backend.startswith("redis")
-    meter = env.meter if is_redis else None
+    meter = env.meter if backend.uses_redis else None
     if meter is not None:
         await meter.delete_bench_keys()
     engine = make_engine(env.db_url)
     env.sql.listen(engine)
-    cache = sqlacache.configure(backend=backend, models={"*": {"timeout": 600}}, prefix=PREFIX)
+    cache = sqlacache.configure(
+        backend=backend.url, models={"*": {"timeout": 600}}, prefix=PREFIX, **backend.options
+    )
     await cache.bind(engine)
     cached = sessions_for(engine)
     env.floor.results.clear()
     for workload in WORKLOADS:
         workload.reset()
     gc.collect()
-    out: dict[str, Any] = {"backend": backend, "transport_errors": {}, "sections": {}}
+    out: dict[str, Any] = {"backend": backend.url, "transport_errors": {}, "sections": {}}
 
     async def section(name: str, work: Awaitable[Any]) -> Any:
         """Run one measurement; keep what the cache counted meanwhile (hits, misses, errors)."""
@@ -358,6 +392,7 @@ async def run_phase(env: Env, backend: str) -> dict[str, Any]:
         out["commit"] = await section(
             "commit", measure_commit(env, cached, meter, cache.flush_pending)
         )
+        out["realistic"] = await section("realistic", measure_realistic(env, cached, cache, meter))
         # The first burst of a process meets an almost empty Redis connection pool; then the pool
         # is grown gently (as a server's load would grow it) and the herds run again.
         first = await section("stampede_first_burst", first_burst(env, cached))
@@ -476,6 +511,31 @@ async def measure_commit(
         low_rt, high_rt = ROUND_TRIP_COMMIT_PKS
         ops = min(env.settings.round_trip_ops, (high_rt - low_rt + 1) // 3)
         out["round_trips"] = await meter.per_op(committer(cached, low_rt), 0, ops)
+    return out
+
+
+async def measure_realistic(
+    env: Env, cached: Sessions, cache: sqlacache.CacheManager, meter: Meter | None
+) -> dict[str, Any]:
+    """P10: SQL and hits per step (cold, warm, after one write, warm again), then the warm
+    request timed against the same request uncached and on the floor, interleaved."""
+    out = await realistic.measure(cached, cache.stats, env.sql, cache.flush_pending)
+    variants: dict[str, Callable[[int], Awaitable[float | None]]] = {
+        "warm": realistic.request_op(cached),
+        "uncached": realistic.request_op(env.plain_sessions),
+        "floor": realistic.request_op(env.floor_sessions),
+    }
+    if meter is not None:
+        variants["rtt"] = meter.rtt
+    for number in range(realistic.PAGES):  # every page warm, on the floor too
+        for name in ("warm", "uncached", "floor"):
+            await variants[name](number)
+    await cache.flush_pending()
+    s = env.settings
+    samples = await interleave(variants, s.rounds // 2, s.batch // 2, env.sql, cache.flush_pending)
+    out["timing"] = {name: sample.summary() for name, sample in samples.items()}
+    if meter is not None:
+        out["round_trips"] = await meter.per_op(variants["warm"], 0, env.settings.round_trip_ops)
     return out
 
 
