@@ -631,10 +631,15 @@ async def ramp(cached: Sessions) -> None:
 
 
 async def settle(cache: sqlacache.CacheManager, limit: float = 10.0) -> None:
-    """Wait for an open circuit breaker to close, so one section's trouble does not leak into
-    the next one's figures."""
+    """Wait until the breaker is closed and no invalidation waits for redelivery, so one
+    section's trouble does not leak into the next one's figures: a redelivered invalidation
+    bumps its tables (and a held lease refuses fills) in the middle of whatever runs next."""
     deadline = time.monotonic() + limit
-    while cache.stats()["circuit_breaker"]["state"] != "closed" and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        await cache.flush_pending()
+        stats = cache.stats()
+        if stats["circuit_breaker"]["state"] == "closed" and not stats["pending_invalidations"]:
+            return
         await asyncio.sleep(0.05)
 
 
