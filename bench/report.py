@@ -74,7 +74,7 @@ class Bar:
 def _hit_vs_floor(limit: float) -> Judge:
     def judge(phase: dict[str, Any]) -> Verdict:
         ratio = _median(phase, "get", "hit") / _median(phase, "get", "floor")
-        return f"{ratio:.2f} x floor", ratio <= limit, ratio
+        return f"{ratio:.3f} x floor", ratio <= limit, ratio
 
     return judge
 
@@ -83,7 +83,7 @@ def _hit_vs_floor_rtt(workload: str, limit: float, trips_key: str | None) -> Jud
     def judge(phase: dict[str, Any]) -> Verdict:
         reference = _median(phase, workload, "floor") + _median(phase, workload, "rtt")
         ratio = _median(phase, workload, "hit") / reference
-        measured = f"{ratio:.2f} x (floor+RTT)"
+        measured = f"{ratio:.3f} x (floor+RTT)"
         ok = ratio <= limit
         if "floor_get" in phase["reads"][workload]:
             sequential = _median(phase, workload, "hit") / _median(phase, workload, "floor_get")
