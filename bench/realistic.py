@@ -200,13 +200,14 @@ async def probe(
 ) -> dict[str, Any]:
     """One request, with the SQL statements and the cache's counters of each step."""
     steps: dict[str, Any] = {}
-    marks = {"stats": stats(), "sql": sql.selects + sql.writes}
+    last_stats, last_sql = stats(), sql.selects + sql.writes
 
     def step(name: str) -> None:
+        nonlocal last_stats, last_sql
         now = stats()
         sent = sql.selects + sql.writes
-        steps[name] = _delta(marks["stats"], now, sent - marks["sql"]).as_dict()
-        marks["stats"], marks["sql"] = now, sent
+        steps[name] = _delta(last_stats, now, sent - last_sql).as_dict()
+        last_stats, last_sql = now, sent
 
     async with sessions() as session:
         await request(session, page(number), step)

@@ -449,9 +449,7 @@ async def measure_reads(
     return out
 
 
-def then_get(
-    op: Callable[[int], Awaitable[None]], meter: Meter
-) -> Callable[[int], Awaitable[None]]:
+def then_get(op: Callable[[int], Awaitable[Any]], meter: Meter) -> Callable[[int], Awaitable[None]]:
     """The floor's read, then one RTT GET, in one operation: floor + RTT as a hit pays it.
 
     On a loaded machine a round trip right after CPU work costs far more than one in a tight
