@@ -1,6 +1,6 @@
 """What every benchmark measurement stands on: the schema, the engines, the floor session and timing.
 
-Nothing here knows about table layout or bars; `run.py` composes these pieces into the §8 workloads.
+Nothing here knows about table layout or bars; `run.py` composes these pieces into the benchmark workloads.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, ORMExecuteState, Session, ma
 from sqlalchemy.orm.loading import merge_frozen_result
 
 N_ROWS = 20_000  # get/fetch misses need keys nobody has read yet: far more rows than samples
-HOT_ROWS = 1_000  # the throughput workload's working set (§8 P6)
+HOT_ROWS = 1_000  # the throughput workload's working set (P6)
 
 
 class Base(DeclarativeBase):
@@ -82,7 +82,7 @@ def sessions_for(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
-# -- the floor (SPEC §8) -------------------------------------------------------------------------
+# -- the floor -----------------------------------------------------------------------------------
 
 
 class FloorSession(Session):

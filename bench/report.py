@@ -1,4 +1,4 @@
-"""Turning a run's measurements into the §8 bars, one printed table, a JSON file and a bar chart.
+"""Turning a run's measurements into the performance bars, one printed table, a JSON file and a bar chart.
 
 Every ratio is computed here from the medians stored in the JSON, so a stored result can be
 re-rendered and re-judged without re-running the benchmark.
@@ -365,7 +365,7 @@ def print_report(results: dict[str, Any]) -> None:
     )
     lines.append("")
     lines.append(
-        "SPEC §8 bars (ratios within this one run; absolute µs depend on the machine's load)"
+        "Performance bars (ratios within this one run; absolute µs depend on the machine's load)"
     )
     for item in results["bars"]:
         lines.append(

@@ -1,4 +1,4 @@
-"""`make bench`: SPEC §8's performance bars, measured against PostgreSQL (asyncpg) and Redis.
+"""`make bench`: the performance bars P1-P10, measured against PostgreSQL (asyncpg) and Redis.
 
 One process, one run: cached, uncached and the two reference figures (floor, RTT) are measured in
 alternating batches, so their ratios hold on a noisy machine. Falls back to SQLite and mem:// when
@@ -209,7 +209,7 @@ async def database_url(notes: list[str]) -> tuple[str, str, str]:
         path = Path(tempfile.mkdtemp(prefix="sqlacache-bench-")) / "bench.sqlite"
         notes.append(
             f"PostgreSQL unreachable at {PG_URL} ({type(exc).__name__}: {exc}): "
-            f"FALLBACK to SQLite {path}; figures are not comparable with §8"
+            f"FALLBACK to SQLite {path}; figures are not comparable with the bars"
         )
         return f"sqlite+aiosqlite:///{path}", "sqlite", "sqlite " + sqlite_version()
     version = str(await conn.fetchval("SHOW server_version"))
