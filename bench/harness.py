@@ -33,7 +33,7 @@ class Base(DeclarativeBase):
 
 
 class User(Base):
-    __tablename__ = "users"
+    __tablename__ = "bench_users"  # not `users`: the database may hold an application's
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(60))
     email: Mapped[str] = mapped_column(String(120))
@@ -68,7 +68,7 @@ async def create_schema(engine: AsyncEngine, rows: int = N_ROWS) -> None:
     if engine.dialect.name == "postgresql":
         async with engine.connect() as conn:
             await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.execute(text("VACUUM ANALYZE users"))
+            await conn.execute(text("VACUUM ANALYZE bench_users"))
 
 
 def make_engine(url: str, pool_size: int = 10) -> AsyncEngine:

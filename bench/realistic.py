@@ -9,7 +9,7 @@
 The current user is the author of the newest post, so the list's author load meets an object the
 session already holds; the viewed post is not in the list, so its `get` is a real lookup. Warm and
 without writes the request must send no SQL at all. The models live here, beside the bench's
-`users` table (same metadata, so `create_schema` drops and creates them with it).
+`bench_users` table (same metadata, so `create_schema` drops and creates them with it).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ WRITTEN_POST = N_POSTS - 4  # the write: a post in every page's list
 
 
 class Post(AsyncAttrs, Base):
-    __tablename__ = "posts"
+    __tablename__ = "bench_posts"
     id: Mapped[int] = mapped_column(primary_key=True)
-    author_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    author_id: Mapped[int] = mapped_column(ForeignKey("bench_users.id"), index=True)
     title: Mapped[str] = mapped_column(String(200))
     body: Mapped[str] = mapped_column(String(2_000))
     created: Mapped[datetime.datetime] = mapped_column(DateTime(timezone=True))
@@ -46,10 +46,10 @@ class Post(AsyncAttrs, Base):
 
 
 class Comment(Base):
-    __tablename__ = "comments"
+    __tablename__ = "bench_comments"
     id: Mapped[int] = mapped_column(primary_key=True)
-    post_id: Mapped[int] = mapped_column(ForeignKey("posts.id"), index=True)
-    author_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    post_id: Mapped[int] = mapped_column(ForeignKey("bench_posts.id"), index=True)
+    author_id: Mapped[int] = mapped_column(ForeignKey("bench_users.id"))
     body: Mapped[str] = mapped_column(String(1_000))
     created: Mapped[datetime.datetime] = mapped_column(DateTime(timezone=True))
     post: Mapped[Post] = relationship(back_populates="comments")
@@ -90,7 +90,7 @@ async def seed(engine: AsyncEngine) -> None:
     if engine.dialect.name == "postgresql":
         async with engine.connect() as conn:
             await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.execute(text("VACUUM ANALYZE posts, comments"))
+            await conn.execute(text("VACUUM ANALYZE bench_posts, bench_comments"))
 
 
 @dataclass(frozen=True)

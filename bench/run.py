@@ -46,8 +46,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 import sqlacache
 
-# Where the bench runs (see bench/README.md): the database is created if missing; its `users`,
-# `posts` and `comments` tables are dropped and recreated. In Redis only keys under `bench:` are
+# Where the bench runs (see bench/README.md): the database is created if missing; its `bench_users`,
+# `bench_posts` and `bench_comments` tables are dropped and recreated. In Redis only keys under `bench:` are
 # written and deleted, never the rest of the db.
 PG_URL = os.environ.get(
     "SQLACACHE_BENCH_PG", "postgresql+asyncpg://postgres@127.0.0.1:5432/sqlacache_bench"
