@@ -1,6 +1,6 @@
 """What every benchmark measurement stands on: the schema, the engines, the floor session and timing.
 
-Nothing here knows about table layout or bars; `run.py` composes these pieces into the §8 workloads.
+Nothing here knows about table layout or bars; `run.py` composes these pieces into the benchmark workloads.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, ORMExecuteState, Session, ma
 from sqlalchemy.orm.loading import merge_frozen_result
 
 N_ROWS = 20_000  # get/fetch misses need keys nobody has read yet: far more rows than samples
-HOT_ROWS = 1_000  # the throughput workload's working set (§8 P6)
+HOT_ROWS = 1_000  # the throughput workload's working set (P6)
 
 
 class Base(DeclarativeBase):
@@ -33,7 +33,7 @@ class Base(DeclarativeBase):
 
 
 class User(Base):
-    __tablename__ = "users"
+    __tablename__ = "bench_users"  # not `users`: the database may hold an application's
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(60))
     email: Mapped[str] = mapped_column(String(120))
@@ -68,7 +68,7 @@ async def create_schema(engine: AsyncEngine, rows: int = N_ROWS) -> None:
     if engine.dialect.name == "postgresql":
         async with engine.connect() as conn:
             await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.execute(text("VACUUM ANALYZE users"))
+            await conn.execute(text("VACUUM ANALYZE bench_users"))
 
 
 def make_engine(url: str, pool_size: int = 10) -> AsyncEngine:
@@ -82,7 +82,7 @@ def sessions_for(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
-# -- the floor (SPEC §8) -------------------------------------------------------------------------
+# -- the floor -----------------------------------------------------------------------------------
 
 
 class FloorSession(Session):
@@ -117,8 +117,8 @@ class FloorCache:
         parameters: Any = state.parameters
         key = (
             cache_key.key,
-            tuple(bp.effective_value for bp in cache_key.bindparams),
-            tuple(sorted(parameters.items())) if parameters else (),
+            tuple(_hashable(bp.effective_value) for bp in cache_key.bindparams),
+            tuple(sorted((k, _hashable(v)) for k, v in parameters.items())) if parameters else (),
         )
         frozen = self.results.get(key)
         if frozen is None:
@@ -129,6 +129,11 @@ class FloorCache:
 
 
 _merge: Any = merge_frozen_result  # untyped in SQLAlchemy
+
+
+def _hashable(value: Any) -> Any:
+    """An expanding IN's list of values (a selectin load's keys) as a dict key."""
+    return tuple(map(_hashable, value)) if isinstance(value, list) else value
 
 
 def floor_sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -1,4 +1,4 @@
-"""`make bench`: SPEC §8's performance bars, measured against PostgreSQL (asyncpg) and Redis.
+"""`make bench`: the performance bars P1-P10, measured against PostgreSQL (asyncpg) and Redis.
 
 One process, one run: cached, uncached and the two reference figures (floor, RTT) are measured in
 alternating batches, so their ratios hold on a noisy machine. Falls back to SQLite and mem:// when
@@ -10,17 +10,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import itertools
 import os
 import platform
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import realistic
 import sqlalchemy
 from harness import (
     HOT_ROWS,
@@ -44,11 +46,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 import sqlacache
 
+# Where the bench runs (see bench/README.md): the database is created if missing; its `bench_users`,
+# `bench_posts` and `bench_comments` tables are dropped and recreated. In Redis only keys under `bench:` are
+# written and deleted, never the rest of the db.
 PG_URL = os.environ.get(
-    "SQLACACHE_BENCH_PG", "postgresql+asyncpg://postgres@127.0.0.1:5432/h_bench"
+    "SQLACACHE_BENCH_PG", "postgresql+asyncpg://postgres@127.0.0.1:5432/sqlacache_bench"
 )
 REDIS_URL = os.environ.get("SQLACACHE_BENCH_REDIS", "redis://127.0.0.1:6379/12")
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(
+    os.environ.get("SQLACACHE_BENCH_RESULTS", Path(__file__).resolve().parent / "results")
+)
 
 Sessions = async_sessionmaker[AsyncSession]
 
@@ -133,11 +140,37 @@ WORKLOADS = (
     ),
     ReadWorkload("count", "count", count_range, tuple(range(0, 2_000, 100)), 2_001, 18_000),
 )
-COMMIT_PKS = (14_001, 15_000)  # rows the commit workload writes: cached half, uncached half
+COMMIT_PKS = (14_001, 15_000)  # rows the commit workload writes: a third per variant
 ROUND_TRIP_COMMIT_PKS = (15_001, 16_000)
 STAMPEDE_PKS = (19_901, 19_902)
 FIRST_BURST_PK = 19_900
 STAMPEDE_FETCH_LOW = 18_500
+
+
+# -- the backends ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One phase of the run: every measurement with the cache configured this way.
+
+    `label` names the phase in the JSON and in `report.bars`. A variant is one more entry in
+    `backends()`, e.g. the in-process tier in front of Redis once it exists:
+        Backend("redis_tier", redis_url, {"local_tier": {...}}, uses_redis=True)
+    and its bars in `report.BARS` (they print "n/a (not built)" until then).
+    """
+
+    label: str
+    url: str
+    options: Mapping[str, Any] = field(default_factory=dict)  # more `configure()` arguments
+    uses_redis: bool = False
+
+
+def backends(redis_url: str | None) -> list[Backend]:
+    out = [Backend("mem", "mem://")]
+    if redis_url:
+        out.append(Backend("redis", redis_url, uses_redis=True))
+    return out
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -176,7 +209,7 @@ async def database_url(notes: list[str]) -> tuple[str, str, str]:
         path = Path(tempfile.mkdtemp(prefix="sqlacache-bench-")) / "bench.sqlite"
         notes.append(
             f"PostgreSQL unreachable at {PG_URL} ({type(exc).__name__}: {exc}): "
-            f"FALLBACK to SQLite {path}; figures are not comparable with §8"
+            f"FALLBACK to SQLite {path}; figures are not comparable with the bars"
         )
         return f"sqlite+aiosqlite:///{path}", "sqlite", "sqlite " + sqlite_version()
     version = str(await conn.fetchval("SHOW server_version"))
@@ -248,7 +281,8 @@ async def main(settings: Settings) -> int:
         versions["redis"] = "Redis " + await meter.prepare()
 
     plain = make_engine(db_url)
-    await create_schema(plain)
+    await create_schema(plain)  # users, and the (empty) posts and comments of P10
+    await realistic.seed(plain)
     floor = FloorCache()
     floor.install()
     sql = SQLCounter()
@@ -272,13 +306,13 @@ async def main(settings: Settings) -> int:
     for note in notes:
         print("NOTE:", note)
 
-    backends = ["mem://"] + ([redis_url] if redis_url else [])
     phases: dict[str, Any] = {}
     try:
-        for backend in backends:
-            label = "redis" if backend.startswith("redis") else "mem"
-            print(f"... measuring {label}:// ({time.perf_counter() - started:.0f}s)", flush=True)
-            phases[label] = await run_phase(env, backend)
+        for backend in backends(redis_url):
+            print(
+                f"... measuring {backend.label} ({time.perf_counter() - started:.0f}s)", flush=True
+            )
+            phases[backend.label] = await run_phase(env, backend)
     finally:
         floor.remove()
         sql.unlisten()
@@ -317,22 +351,23 @@ async def main(settings: Settings) -> int:
     return 0
 
 
-async def run_phase(env: Env, backend: str) -> dict[str, Any]:
+async def run_phase(env: Env, backend: Backend) -> dict[str, Any]:
     """Every measurement on one backend, with the cache bound to a fresh engine of its own."""
-    is_redis = backend.startswith("redis")
-    meter = env.meter if is_redis else None
+    meter = env.meter if backend.uses_redis else None
     if meter is not None:
         await meter.delete_bench_keys()
     engine = make_engine(env.db_url)
     env.sql.listen(engine)
-    cache = sqlacache.configure(backend=backend, models={"*": {"timeout": 600}}, prefix=PREFIX)
+    cache = sqlacache.configure(
+        backend=backend.url, models={"*": {"timeout": 600}}, prefix=PREFIX, **backend.options
+    )
     await cache.bind(engine)
     cached = sessions_for(engine)
     env.floor.results.clear()
     for workload in WORKLOADS:
         workload.reset()
     gc.collect()
-    out: dict[str, Any] = {"backend": backend, "transport_errors": {}, "sections": {}}
+    out: dict[str, Any] = {"backend": backend.url, "transport_errors": {}, "sections": {}}
 
     async def section(name: str, work: Awaitable[Any]) -> Any:
         """Run one measurement; keep what the cache counted meanwhile (hits, misses, errors)."""
@@ -358,6 +393,7 @@ async def run_phase(env: Env, backend: str) -> dict[str, Any]:
         out["commit"] = await section(
             "commit", measure_commit(env, cached, meter, cache.flush_pending)
         )
+        out["realistic"] = await section("realistic", measure_realistic(env, cached, cache, meter))
         # The first burst of a process meets an almost empty Redis connection pool; then the pool
         # is grown gently (as a server's load would grow it) and the herds run again.
         first = await section("stampede_first_burst", first_burst(env, cached))
@@ -398,6 +434,8 @@ async def measure_reads(
         }
         if meter is not None:
             variants["rtt"] = meter.rtt
+            variants["floor_get"] = then_get(variants["floor"], meter)
+            variants["uncached_2get"] = then_get(then_get(variants["uncached"], meter), meter)
         for number in range(len(workload.hit_keys)):  # fill the cache, the floor, the pools
             for name in ("hit", "uncached", "floor"):
                 await variants[name](number)
@@ -411,6 +449,21 @@ async def measure_reads(
     return out
 
 
+def then_get(op: Callable[[int], Awaitable[Any]], meter: Meter) -> Callable[[int], Awaitable[None]]:
+    """The floor's read, then one RTT GET, in one operation: floor + RTT as a hit pays it.
+
+    On a loaded machine a round trip right after CPU work costs far more than one in a tight
+    loop (the woken Redis takes the CPU; this process waits for its next slice), so the two
+    figures measured apart understate what any Redis-backed hit must pay.
+    """
+
+    async def run(number: int) -> None:
+        await op(number)
+        await meter.rtt(number)
+
+    return run
+
+
 def backend_label(meter: Meter | None) -> str:
     return "mem://" if meter is None else "redis://"
 
@@ -420,9 +473,13 @@ def check_selects(workload: str, samples: dict[str, Samples]) -> list[str]:
     expected = {"hit": 0.0, "floor": 0.0, "miss": 1.0, "uncached": 1.0}
     warnings = []
     for name, want in expected.items():
-        got = samples[name].selects / len(samples[name].micros)
-        if abs(got - want) > 1e-9:
-            warnings.append(f"{workload} {name}: {got:.2f} SELECTs per op, expected {want:.0f}")
+        ops = len(samples[name].micros)
+        got = samples[name].selects
+        if got != want * ops:
+            warnings.append(
+                f"{workload} {name}: {got} SELECTs in {ops} ops, expected {want:.0f} per op"
+                " (a transport error sends reads to the database)"
+            )
             print(f"WARNING: {warnings[-1]}", flush=True)
     return warnings
 
@@ -439,19 +496,32 @@ async def measure_round_trips(meter: Meter, cached: Sessions, n: int) -> dict[st
     return out
 
 
-def committer(sessions: Sessions, first_pk: int) -> Callable[[int], Awaitable[float]]:
+_writes = itertools.count()
+
+
+def fresh_value(text: str) -> str:
+    """A value no earlier write of this run stored: the mem:// and redis:// phases write the same
+    rows, and setting a column to the value it holds sends no UPDATE (and invalidates nothing)."""
+    return f"{text} #{next(_writes)}"
+
+
+def committer(
+    sessions: Sessions, first_pk: int, after: Callable[[int], Awaitable[None]] | None = None
+) -> Callable[[int], Awaitable[float]]:
     """Load a row, change it, commit; returns the µs of `commit()` (flush, UPDATE, COMMIT, and
-    for the cached engine the invalidation). The row is loaded with `cache=False` so that only the
-    commit's own Redis traffic shows in the round-trip counts; on the unbound engine the option is
-    ignored."""
+    for the cached engine the invalidation), plus `after` when given. The row is loaded with
+    `cache=False` so that only the commit's own Redis traffic shows in the round-trip counts; on
+    the unbound engine the option is ignored."""
 
     async def op(number: int) -> float:
         async with sessions() as session:
             user = await session.get(User, first_pk + number, execution_options={"cache": False})
             assert user is not None
-            user.name = f"renamed {number}"
+            user.name = fresh_value(f"renamed {number}")
             start = time.perf_counter_ns()
             await session.commit()
+            if after is not None:
+                await after(number)
             return (time.perf_counter_ns() - start) / 1000
 
     return op
@@ -461,21 +531,49 @@ async def measure_commit(
     env: Env, cached: Sessions, meter: Meter | None, settle: Callable[[], Awaitable[None]]
 ) -> dict[str, Any]:
     low, high = COMMIT_PKS
-    half = (high - low + 1) // 2
-    n = min(env.settings.commit_samples, half)
+    third = (high - low + 1) // 3  # each variant writes rows of its own
+    n = min(env.settings.commit_samples, third)
     batch = 10
     variants: dict[str, Callable[[int], Awaitable[float | None]]] = {
         "cached": committer(cached, low),
-        "uncached": committer(env.plain_sessions, low + half),
+        "uncached": committer(env.plain_sessions, low + third),
     }
     if meter is not None:
         variants["rtt"] = meter.rtt
+        variants["uncached_2get"] = committer(
+            env.plain_sessions, low + 2 * third, then_get(meter.rtt, meter)
+        )
     samples = await interleave(variants, max(1, n // batch), batch, env.sql, settle)
     out: dict[str, Any] = {name: sample.summary() for name, sample in samples.items()}
     if meter is not None:
         low_rt, high_rt = ROUND_TRIP_COMMIT_PKS
         ops = min(env.settings.round_trip_ops, (high_rt - low_rt + 1) // 3)
         out["round_trips"] = await meter.per_op(committer(cached, low_rt), 0, ops)
+    return out
+
+
+async def measure_realistic(
+    env: Env, cached: Sessions, cache: sqlacache.CacheManager, meter: Meter | None
+) -> dict[str, Any]:
+    """P10: SQL and hits per step (cold, warm, after one write, warm again), then the warm
+    request timed against the same request uncached and on the floor, interleaved."""
+    out = await realistic.measure(cached, cache.stats, env.sql, cache.flush_pending)
+    variants: dict[str, Callable[[int], Awaitable[float | None]]] = {
+        "warm": realistic.request_op(cached),
+        "uncached": realistic.request_op(env.plain_sessions),
+        "floor": realistic.request_op(env.floor_sessions),
+    }
+    if meter is not None:
+        variants["rtt"] = meter.rtt
+    for number in range(realistic.PAGES):  # every page warm, on the floor too
+        for name in ("warm", "uncached", "floor"):
+            await variants[name](number)
+    await cache.flush_pending()
+    s = env.settings
+    samples = await interleave(variants, s.rounds // 2, s.batch // 2, env.sql, cache.flush_pending)
+    out["timing"] = {name: sample.summary() for name, sample in samples.items()}
+    if meter is not None:
+        out["round_trips"] = await meter.per_op(variants["warm"], 0, env.settings.round_trip_ops)
     return out
 
 
@@ -490,7 +588,7 @@ def throughput_ops(reads: Sessions, writes: Sessions) -> tuple[Any, Any]:
         async with writes() as session:
             user = await session.get(User, pk)
             assert user is not None
-            user.name = f"tp {value}"
+            user.name = fresh_value(f"tp {value}")
             await session.commit()
 
     return read, write
@@ -571,10 +669,15 @@ async def ramp(cached: Sessions) -> None:
 
 
 async def settle(cache: sqlacache.CacheManager, limit: float = 10.0) -> None:
-    """Wait for an open circuit breaker to close, so one section's trouble does not leak into
-    the next one's figures."""
+    """Wait until the breaker is closed and no invalidation waits for redelivery, so one
+    section's trouble does not leak into the next one's figures: a redelivered invalidation
+    bumps its tables (and a held lease refuses fills) in the middle of whatever runs next."""
     deadline = time.monotonic() + limit
-    while cache.stats()["circuit_breaker"]["state"] != "closed" and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        await cache.flush_pending()
+        stats = cache.stats()
+        if stats["circuit_breaker"]["state"] == "closed" and not stats["pending_invalidations"]:
+            return
         await asyncio.sleep(0.05)
 
 
@@ -589,7 +692,7 @@ async def measure_stampede(env: Env, cached: Sessions) -> dict[str, Any]:
     async with cached() as session:
         user = await session.get(User, written_pk)
         assert user is not None
-        user.name = "stampede"
+        user.name = fresh_value("stampede")
         await session.commit()
     out["get_after_write"] = await herd(env, cached, lambda s: s.get(User, written_pk))
     out["fetch100_cold"] = await herd(env, cached, lambda s: fetch(100)(s, STAMPEDE_FETCH_LOW))
