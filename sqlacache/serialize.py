@@ -223,6 +223,12 @@ def _decode_column(values: list[Any], decode: Callable[[Any], Any]) -> list[Any]
     return list(map(decode, values))
 
 
+#: one encoder and decoder for every payload: `json.dumps` with arguments builds a new encoder
+#: on every call, which is a measurable part of encoding a small result
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_DECODE = json.loads
+
+
 # -- the serializer ------------------------------------------------------------------------------
 
 #: (dotted class name, attribute) -> the Enum class of that column in the local mapping
@@ -304,7 +310,7 @@ class Serializer:
             return snapshot
         if tag != b"J":
             raise PayloadError("unknown payload format")
-        return self._from_json(json.loads(body), enum_for)
+        return self._from_json(_DECODE(body), enum_for)
 
     def _pickle(self, snapshot: Snapshot) -> bytes:
         """Pickle, and unpickle once: a value that pickles but cannot be rebuilt (a constructor
@@ -378,7 +384,7 @@ class Serializer:
             "s": snapshot.single_entity,
         }
         try:
-            return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+            return _ENCODE(doc).encode("utf-8")
         except (TypeError, ValueError) as exc:
             raise Unserializable(str(exc)) from None
 
