@@ -177,7 +177,7 @@ class Filler:
         plan = decision.plan
         assert plan.shape is not None
         snapshot, missing_tables, new_mappers = freeze(
-            rows, plan.shape, decision.single_entity, plan, None
+            rows, plan.shape, decision.single_entity, plan
         )
         if missing_tables or new_mappers:
             # the result reached tables the plan did not foresee: learn them, fill next time

@@ -137,9 +137,8 @@ def mapper_name(mapper: Mapper[Any]) -> str:
 
 
 class _Freezer:
-    def __init__(self, plan: Plan, pre_existing: set[Any] | None) -> None:
+    def __init__(self, plan: Plan) -> None:
         self.plan = plan
-        self.pre_existing = pre_existing
         self.index: dict[int, int] = {}
         self.mapper_index: dict[Mapper[Any], int] = {}
         self.mappers: list[str] = []
@@ -162,10 +161,6 @@ class _Freezer:
         state = instance_state(obj)
         if state.key is None:
             raise NotSnapshottable("transient_object")
-        if self.pre_existing and state.key in self.pre_existing:
-            # this object was in the session before the query: its loaded values may be the
-            # session's own (stale or edited), not what the database returned
-            raise NotSnapshottable("identity_map")
         mapper = state.mapper
         if mapper is self._last_mapper:
             mapper_position = self._last_position
@@ -246,10 +241,13 @@ def freeze(
     shape: ResultShape,
     single_entity: bool,
     plan: Plan,
-    pre_existing: set[Any] | None,
 ) -> tuple[Snapshot, set[Table], set[Mapper[Any]]]:
-    """Snapshot result rows; also return tables and mappers the plan did not foresee."""
-    freezer = _Freezer(plan, pre_existing)
+    """Snapshot result rows; also return tables and mappers the plan did not foresee.
+
+    Every object in `rows` must have been created by this very load (the caller reads beside a
+    session that already held objects), so its loaded state is what the database returned.
+    """
+    freezer = _Freezer(plan)
     entity_columns: list[bool] = []
     out_rows: list[Any] = []
     if single_entity:

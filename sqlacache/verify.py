@@ -127,7 +127,7 @@ def _check(
         shape = read.plan.shape
         assert shape is not None
         try:
-            fresh, _, _ = freeze(rows, shape, read.single_entity, read.plan, None)
+            fresh, _, _ = freeze(rows, shape, read.single_entity, read.plan)
         except NotSnapshottable as exc:
             return "inconclusive", f"the database's result cannot be compared ({exc})"
         found = differences(
