@@ -8,7 +8,9 @@ script), `bump` (versions + leases in one script). Redis-specific tricks stay in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import hashlib
 import select
 import threading
 import time
@@ -21,6 +23,7 @@ from typing import Any, Protocol, TypeVar
 from ._greenlet import await_, in_greenlet
 from .config import BackendConfig
 from .keys import FAST_FILL_SECONDS
+from .loops import LoopLocal
 
 T = TypeVar("T")
 
@@ -333,21 +336,95 @@ def _lua(name: str) -> str:
     return resources.files("sqlacache").joinpath("lua").joinpath(name).read_text(encoding="utf-8")
 
 
+@functools.cache
+def _lua_sha(name: str) -> str:
+    """The SHA1 Redis knows a script by (EVALSHA), as redis-py's `Script` computes it."""
+    return hashlib.sha1(_lua(f"{name}.lua").encode()).hexdigest()
+
+
+def _register_scripts(client: Any) -> dict[str, Any]:
+    return {name: client.register_script(_lua(f"{name}.lua")) for name in _SCRIPTS}
+
+
+def _redis_timeout(message: str) -> Exception:
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    return RedisTimeoutError(message)
+
+
+def _bounded_handshake(seconds: float) -> Callable[[Any], Awaitable[None]]:
+    """redis-py's connection handshake (AUTH, HELLO, SELECT, CLIENT SETNAME) under one deadline.
+
+    Installed as the connections' `redis_connect_func`. A Redis that accepts connections and never
+    answers would otherwise hold a connection without a socket timeout (a lean one) forever. A
+    handshake cut short, by its deadline or by a cancelled caller, closes its connection: one that
+    never ran its AUTH or SELECT must not be handed out again (it would talk to database 0).
+    """
+
+    async def handshake(connection: Any) -> None:
+        try:
+            async with _timeout_after(seconds):
+                await connection.on_connect()
+        except BaseException as exc:
+            await connection.disconnect(nowait=True)
+            if isinstance(exc, asyncio.TimeoutError):
+                raise _redis_timeout(
+                    f"Redis accepted the connection but did not answer its handshake within "
+                    f"{seconds}s"
+                ) from None
+            raise
+
+    return handshake
+
+
+class _LoopClients:
+    """A `RedisStore`'s asyncio side on one event loop: its gate, pools, client and lean
+    connections. asyncio connections and semaphores work only on the loop that made them, so
+    each loop gets its own (see `LoopLocal`)."""
+
+    def __init__(self, store: RedisStore) -> None:
+        import redis.asyncio as aioredis  # imported lazily: mem:// needs no Redis client
+
+        options = {
+            **store._client_options(),
+            "redis_connect_func": _bounded_handshake(store.connect_timeout),
+        }
+        # A burst of requests queues at this gate (cheaply) instead of opening hundreds of
+        # connections at once; the pool behind it never has to block.
+        self.gate = asyncio.Semaphore(store.max_connections)
+        self.pool = aioredis.ConnectionPool.from_url(store._url, **options)
+        self.client = aioredis.Redis(connection_pool=self.pool)
+        # The hot commands (a hit's MGET, a commit's script) go through connections without
+        # per-command socket timeouts, bounded instead by one deadline around send and read:
+        # redis-py enforces a send timeout with a new task per command, two extra loop turns.
+        self.lean_pool = aioredis.ConnectionPool.from_url(
+            store._url, **{**options, "socket_timeout": None}
+        )
+        self.idle: list[Any] = []  # lean connections, last used first
+        self.scripts = _register_scripts(self.client)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        await self.pool.disconnect()
+        idle, self.idle = self.idle, []
+        for connection in idle:
+            await connection.disconnect()
+
+
 class RedisStore:
     """The shared store on a Redis server, through sqlacache's own redis-py clients.
 
-    Every command has a short socket timeout (SPEC F2) and no client-side retry: a failure is
-    reported at once, and the circuit breaker decides what happens next. Inside SQLAlchemy's async
-    greenlet the asyncio client is used; elsewhere (a sync `Session`) a sync client, created on
-    first use. Each operation is written once against either client.
+    Every network step is bounded (SPEC F2): connecting, the connection handshake, waiting for a
+    connection, every reply; and there is no client-side retry: a failure is reported at once, and
+    the circuit breaker decides what happens next. Inside SQLAlchemy's async greenlet the asyncio
+    clients of the running event loop are used (each loop has its own); elsewhere (a sync
+    `Session`) a sync client, created on first use. Each operation is written once against either.
     """
 
     kind = "redis"
     shared = True
 
     def __init__(self, backend: BackendConfig, operation_timeout: float) -> None:
-        import redis.asyncio as aioredis  # imported lazily: mem:// needs no Redis client
-
         options: dict[str, Any] = dict(backend.options)
         options.setdefault("socket_timeout", operation_timeout)
         # Commands are bounded by the operation timeout. Opening a connection gets more: under a
@@ -359,28 +436,19 @@ class RedisStore:
         options.setdefault("protocol", 2)  # RESP3 would add a HELLO round trip to every connect
         options.update(_no_handshake_metadata())
         self.operation_timeout = float(options["socket_timeout"])
+        #: opening a connection, its handshake included
+        self.connect_timeout = float(options["socket_connect_timeout"])
+        self.max_connections = int(options["max_connections"])
         self._url = backend.url
         self._pool_timeout = float(options.pop("pool_timeout", DEFAULT_POOL_TIMEOUT))
         self._options = options
-        # A burst of requests queues at this gate (cheaply) instead of opening hundreds of
-        # connections at once; the pool behind it never has to block.
-        self._gate = asyncio.Semaphore(int(options["max_connections"]))
-        self._pool = aioredis.ConnectionPool.from_url(backend.url, **self._client_options())
-        self._client = aioredis.Redis(connection_pool=self._pool)
-        # The hot commands (a hit's MGET, a commit's script) go through connections without
-        # per-command socket timeouts, bounded instead by one deadline around send and read:
-        # redis-py enforces a send timeout with a new task per command, two extra loop turns.
-        self._lean_pool = aioredis.ConnectionPool.from_url(
-            backend.url, **{**self._client_options(), "socket_timeout": None}
-        )
-        self._idle: list[Any] = []  # lean connections, last used first
+        self._clients: LoopLocal[_LoopClients] = LoopLocal(lambda: _LoopClients(self))
         self._sync: Any = None
-        self._scripts = {id(self._client): self._register_scripts(self._client)}
-        self.database = int(self._pool.connection_kwargs.get("db", 0) or 0)
+        self._sync_scripts: dict[str, Any] = {}
+        self._sync_lock = threading.Lock()
+        from redis.connection import parse_url
 
-    @staticmethod
-    def _register_scripts(client: Any) -> dict[str, Any]:
-        return {name: client.register_script(_lua(f"{name}.lua")) for name in _SCRIPTS}
+        self.database = int(parse_url(backend.url).get("db", 0) or 0)
 
     def _client_options(self) -> dict[str, Any]:
         """No client-side retries: a failure is reported at once."""
@@ -389,9 +457,8 @@ class RedisStore:
 
         return {"decode_responses": False, "retry": Retry(NoBackoff(), 0), **self._options}
 
-    async def _enter_gate(self) -> asyncio.Semaphore:
+    async def _enter_gate(self, gate: asyncio.Semaphore) -> asyncio.Semaphore:
         """Take one of `max_connections` slots, waiting at most the pool timeout (local load)."""
-        gate = self._gate
         if gate.locked():
             try:
                 await asyncio.wait_for(gate.acquire(), self._pool_timeout)
@@ -402,28 +469,42 @@ class RedisStore:
         return gate
 
     async def _gated(self, command: Callable[[Any], Awaitable[T]]) -> T:
-        """Run `command(client)` holding one of `max_connections` slots (SPEC F5 under bursts)."""
-        gate = await self._enter_gate()
+        """Run `command(client)` holding one of `max_connections` slots (SPEC F5 under bursts),
+        within one deadline: a pooled command may have to connect first, then wait for its reply.
+        """
+        clients = self._clients.get()
+        gate = await self._enter_gate(clients.gate)
+        budget = self.connect_timeout + self.operation_timeout
         try:
-            return await command(self._client)
+            async with _timeout_after(budget):
+                return await command(clients.client)
+        except asyncio.TimeoutError:
+            raise _redis_timeout(f"Redis did not answer within {budget}s") from None
         finally:
             gate.release()
 
     @property
     def client(self) -> Any:
-        return self._client
+        """The running event loop's asyncio client."""
+        return self._clients.get().client
 
     def _sync_client(self) -> Any:
         if self._sync is None:
             import redis
 
-            self._sync = redis.Redis(
-                connection_pool=redis.BlockingConnectionPool.from_url(
-                    self._url, timeout=self._pool_timeout, **self._client_options()
-                )
-            )
-            self._scripts[id(self._sync)] = self._register_scripts(self._sync)
+            with self._sync_lock:
+                if self._sync is None:
+                    client = redis.Redis(
+                        connection_pool=redis.BlockingConnectionPool.from_url(
+                            self._url, timeout=self._pool_timeout, **self._client_options()
+                        )
+                    )
+                    self._sync_scripts = _register_scripts(client)
+                    self._sync = client
         return self._sync
+
+    def _scripts_of(self, client: Any) -> dict[str, Any]:
+        return self._sync_scripts if client is self._sync else self._clients.get().scripts
 
     def _call(self, command: Callable[[Any], Any]) -> Any:
         """Run `command(client)` on the async client (awaited in the greenlet) or the sync one."""
@@ -444,27 +525,38 @@ class RedisStore:
         redis-py closes a connection whose send or read is interrupted, so a command cut by the
         deadline never leaves a reply behind for the next user of the connection.
         """
-        gate = await self._enter_gate()
+        clients = self._clients.get()
+        gate = await self._enter_gate(clients.gate)
         try:
-            connection = await self._lean_connection()
+            connection = await self._lean_connection(clients)
             async with _Deadline(self.operation_timeout, connection):
                 await connection.send_packed_command(_pack(command), check_health=False)
                 reply = await connection.read_response()
             # only a connection whose reply was read in full goes back (a failure disconnects it)
-            self._idle.append(connection)
+            clients.idle.append(connection)
             return reply
         finally:
             gate.release()
 
-    async def _lean_connection(self) -> Any:
-        """An idle lean connection, or a new one (connecting has its own timeout)."""
-        idle = self._idle
+    async def _lean_connection(self, clients: _LoopClients) -> Any:
+        """An idle lean connection, or a new one, connected and handshaken within the connect
+        timeout (a lean connection has no socket timeout of its own)."""
+        idle = clients.idle
         while idle:
             connection = idle.pop()
             if connection.is_connected:
                 return connection
-        connection = self._lean_pool.make_connection()
-        await connection.connect()
+        connection = clients.lean_pool.make_connection()
+        try:
+            async with _timeout_after(self.connect_timeout):
+                await connection.connect()
+        except BaseException as exc:
+            await connection.disconnect(nowait=True)
+            if isinstance(exc, asyncio.TimeoutError):
+                raise _redis_timeout(
+                    f"no connection to Redis within {self.connect_timeout}s"
+                ) from None
+            raise
         return connection
 
     def store(self, fill: Fill) -> None:
@@ -472,7 +564,8 @@ class RedisStore:
             await_(self.store_async(fill))
         else:
             keys, args = _fill_arguments(fill)
-            self._scripts[id(self._sync_client())]["fill"](keys=keys, args=args)
+            client = self._sync_client()
+            self._scripts_of(client)["fill"](keys=keys, args=args, client=client)
 
     async def store_async(self, fill: Fill) -> None:
         """The store, from a coroutine: the read path may run it in the background.
@@ -484,13 +577,12 @@ class RedisStore:
 
     async def _lean_script(self, name: str, keys: list[str], args: list[Any]) -> Any:
         """EVALSHA on a lean connection; EVAL once if the server lost its scripts (a restart)."""
-        script = self._scripts[id(self._client)][name]
         try:
-            return await self._lean("EVALSHA", script.sha, len(keys), *keys, *args)
+            return await self._lean("EVALSHA", _lua_sha(name), len(keys), *keys, *args)
         except Exception as exc:
             if type(exc).__name__ != "NoScriptError":
                 raise
-            return await self._lean("EVAL", script.script, len(keys), *keys, *args)
+            return await self._lean("EVAL", _lua(f"{name}.lua"), len(keys), *keys, *args)
 
     def bump(self, bump: Bump, token: bytes, row_ttl_ms: int, lease_ttl_ms: int) -> None:
         if in_greenlet():
@@ -507,7 +599,7 @@ class RedisStore:
         self, client: Any, bump: Bump, token: bytes, row_ttl_ms: int, lease_ttl_ms: int
     ) -> Any:
         keys, args = _bump_arguments(bump, token, row_ttl_ms, lease_ttl_ms)
-        return self._scripts[id(client)]["bump"](keys=keys, args=args, client=client)
+        return self._scripts_of(client)["bump"](keys=keys, args=args, client=client)
 
     def delete(self, key: str) -> None:
         self._call(lambda c: c.unlink(key))
@@ -516,7 +608,7 @@ class RedisStore:
         return bool(self._call(lambda c: c.set(key, token, nx=True, px=ttl_ms)))
 
     def unlock(self, key: str, token: bytes) -> None:
-        self._call(lambda c: self._scripts[id(c)]["unlock"](keys=[key], args=[token], client=c))
+        self._call(lambda c: self._scripts_of(c)["unlock"](keys=[key], args=[token], client=c))
 
     def add_member(self, key: str, member: str) -> None:
         self._call(lambda c: c.sadd(key, member))
@@ -525,7 +617,9 @@ class RedisStore:
         """Open a few pooled connections now, so that the first burst of requests finds working
         connections instead of all connecting at once on a busy event loop."""
         if in_greenlet():
-            await_(asyncio.gather(*(self._client.ping() for _ in range(WARM_CONNECTIONS))))
+            await_(
+                asyncio.gather(*(self._gated(lambda c: c.ping()) for _ in range(WARM_CONNECTIONS)))
+            )
         else:
             self._sync_client().ping()
 
@@ -550,15 +644,16 @@ class RedisStore:
         return deleted
 
     async def _delete_matching_async(self, match: str) -> int:
+        client = self.client
         deleted = 0
         batch: list[bytes] = []
-        async for key in self._client.scan_iter(match=match, count=1000):
+        async for key in client.scan_iter(match=match, count=1000):
             batch.append(key)
             if len(batch) >= 500:
-                deleted += await self._client.unlink(*batch)
+                deleted += await client.unlink(*batch)
                 batch.clear()
         if batch:
-            deleted += await self._client.unlink(*batch)
+            deleted += await client.unlink(*batch)
         return deleted
 
     def count_keys(self, pattern_prefix: str) -> int:
@@ -568,7 +663,7 @@ class RedisStore:
         return sum(1 for _ in self._sync_client().scan_iter(match=match, count=1000))
 
     async def _count_matching_async(self, match: str) -> int:
-        return len([k async for k in self._client.scan_iter(match=match, count=1000)])
+        return len([k async for k in self.client.scan_iter(match=match, count=1000)])
 
     def ping(self) -> None:
         self._call(lambda c: c.ping())
@@ -579,21 +674,37 @@ class RedisStore:
         return None if run_id is None else str(run_id)
 
     def close(self) -> None:
-        if self._sync is not None:
-            self._sync.connection_pool.disconnect()
-            self._sync = None
+        self._close_sync()
         if in_greenlet():
             await_(self.aclose())
+        else:
+            self._close_loops(None)
 
     async def aclose(self) -> None:
-        if self._sync is not None:
-            self._sync.connection_pool.disconnect()
-            self._sync = None
-        await self._client.aclose()
-        await self._pool.disconnect()
-        idle, self._idle = self._idle, []
-        for connection in idle:
-            await connection.disconnect()
+        self._close_sync()
+        own = self._close_loops(asyncio.get_running_loop())
+        if own is not None:
+            await own.aclose()
+
+    def _close_sync(self) -> None:
+        client, self._sync = self._sync, None
+        if client is not None:
+            client.connection_pool.disconnect()
+
+    def _close_loops(self, current: asyncio.AbstractEventLoop | None) -> _LoopClients | None:
+        """Forget every loop's clients; return the running loop's, for the caller to close.
+
+        A loop running in another thread closes its own; a closed loop took its connections
+        with it; an idle loop's connections close when they are collected.
+        """
+        own = None
+        for loop, clients in self._clients.take_all():
+            if loop is current:
+                own = clients
+            elif loop.is_running() and not loop.is_closed():
+                with contextlib.suppress(RuntimeError):  # it closed meanwhile
+                    asyncio.run_coroutine_threadsafe(clients.aclose(), loop)
+        return own
 
 
 def _pack(command: Sequence[Any]) -> bytes:
@@ -692,12 +803,17 @@ HARD_DEADLINE_FACTOR = 20
 
 def _timeout_context() -> Any:
     """An open-ended `asyncio.timeout` (or async_timeout's before 3.11), rescheduled on expiry."""
+    return _timeout_after(None)
+
+
+def _timeout_after(seconds: float | None) -> Any:
+    """`asyncio.timeout(seconds)`, or async_timeout's before 3.11; raises asyncio.TimeoutError."""
     timeout = getattr(asyncio, "timeout", None)
     if timeout is not None:
-        return timeout(None)
+        return timeout(seconds)
     import async_timeout  # type: ignore[import-not-found]  # redis-py's dependency on 3.10
 
-    return async_timeout.timeout(None)
+    return async_timeout.timeout(seconds)
 
 
 def _reply_waiting(connection: Any) -> bool:
