@@ -8,19 +8,32 @@ assertion is a generous one (no request may cost ten operation timeouts while Re
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import sessionmaker
+from sqlalchemy.pool import NullPool
 
+import sqlacache
 from integration import test_faults as faults
-from integration.faultkit import LOOPBACK, FaultProxy, RedisServer
-from integration.test_faults import Lab, assert_cached, breaker_state, seed, wait_until_recovered
-from tests.fixtures import SQLCounter
+from integration.faultkit import LOOPBACK, FaultProxy, ReaderProcess, RedisServer
+from integration.test_faults import (
+    Lab,
+    assert_cached,
+    breaker_state,
+    rename,
+    seed,
+    wait_until_recovered,
+)
+from tests.fixtures import SQLCounter, reset_schema
 from tests.models import User
 
 stack = faults.stack
@@ -169,3 +182,202 @@ async def test_item9_blackholed_redis_bounds_every_sync_request_and_opens_the_br
     await wait_until_recovered(cache)
     await assert_sync_hit()
 
+
+# -- item 10: several event loops -------------------------------------------------------------------
+
+
+class LoopsLab:
+    """A cache bound once, used from event loops that come and go; its own redis-server."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.server = RedisServer()
+        self.server.start()
+        self.prefix = f"loops{uuid.uuid4().hex[:8]}"
+        # NullPool: the engine's own connections must not outlive a loop either
+        self.engine = create_async_engine(faults.PG_URL, poolclass=NullPool)
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self.selects: dict[int, int] = {}  # per thread: SELECTs its loop sent
+        event.listen(self.engine.sync_engine, "before_cursor_execute", self._count)
+        self.cache = sqlacache.configure(
+            backend=self.server.url,
+            models={"*": {"timeout": 300}},
+            prefix=self.prefix,
+            operation_timeout=0.5,
+            breaker_probe_interval=0.1,
+        )
+
+    def _count(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith(("SELECT", "WITH")):
+            ident = threading.get_ident()
+            self.selects[ident] = self.selects.get(ident, 0) + 1
+
+    def selects_here(self) -> int:
+        return self.selects.get(threading.get_ident(), 0)
+
+    async def setup(self, users: int = 3) -> None:
+        await reset_schema(self.engine)
+        await seed(self.sessions, users)
+        await self.cache.bind(self.engine)
+
+    async def reader(self, name: str) -> ReaderProcess:
+        return await ReaderProcess.start(
+            pg_url=faults.PG_URL,
+            redis_url=self.server.url,
+            prefix=self.prefix,
+            stderr_path=self.tmp_path / f"{name}.stderr",
+        )
+
+    async def assert_hit(self, pk: int, expected: str) -> None:
+        assert await faults.user_name(self.sessions, pk) == expected
+        before = self.selects_here()
+        assert await faults.user_name(self.sessions, pk) == expected
+        assert self.selects_here() == before, f"user {pk}: expected a cache hit"
+
+    def close(self) -> None:
+        async def teardown() -> None:
+            await self.cache.disconnect()
+            await self.engine.dispose()
+
+        try:
+            asyncio.run(teardown())
+        finally:
+            self.server.cleanup()
+
+
+@pytest.fixture
+def loops_lab(stack: Any, tmp_path: Path) -> Iterator[LoopsLab]:
+    lab = LoopsLab(tmp_path)
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+def assert_recovered(cache: sqlacache.CacheManager) -> None:
+    stats = cache.stats()
+    assert stats["circuit_breaker"]["state"] == "closed", stats["circuit_breaker"]
+    assert stats["pending_invalidations"] == 0, stats
+
+
+def test_item10_a_second_asyncio_run_serves_hits_and_its_commits_invalidate(
+    loops_lab: LoopsLab,
+) -> None:
+    """Item 10: the cache is bound in one `asyncio.run()`; in the next one (a new event loop) it
+    serves hits, and its commits invalidate what another process cached; the breaker stays
+    closed."""
+    lab = loops_lab
+
+    async def first() -> None:
+        await lab.setup()
+        await lab.assert_hit(1, "user1")
+
+    async def second() -> None:
+        await lab.assert_hit(1, "user1")  # the entry stored by the first loop
+        reader = await lab.reader("reader")
+        try:
+            assert await reader.get_user_name(1) == ("user1", 0)  # cached in Redis
+            await rename(lab.sessions, 1, "alice")
+            await lab.cache.flush_pending()
+            assert await reader.get_user_name(1) == ("alice", 1), "the commit did not invalidate"
+        finally:
+            await reader.stop()
+        await lab.assert_hit(1, "alice")
+        assert_recovered(lab.cache)
+
+    asyncio.run(first())
+    asyncio.run(second())
+    asyncio.run(second_again(lab))
+    assert_recovered(lab.cache)
+
+
+async def second_again(lab: LoopsLab) -> None:
+    """A third loop: a commit, then a hit of the new value."""
+    await rename(lab.sessions, 1, "bob")
+    await lab.assert_hit(1, "bob")
+    await lab.cache.flush_pending()
+    assert_recovered(lab.cache)
+
+
+def test_item10_two_threads_each_with_its_own_loop_use_one_cache_at_once(
+    loops_lab: LoopsLab,
+) -> None:
+    """Item 10: two threads, each running its own event loop at the same time, read (hits) and
+    commit through one cache; every commit invalidates (a read after it sees it, here and in
+    another process), and the breaker is closed at the end."""
+    lab = loops_lab
+    asyncio.run(lab.setup(users=2))
+    rounds = 5
+    start = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    async def work(pk: int) -> None:
+        start.wait()
+        for round_ in range(rounds):
+            await lab.assert_hit(pk, f"user{pk}" if round_ == 0 else f"u{pk}r{round_ - 1}")
+            await rename(lab.sessions, pk, f"u{pk}r{round_}")
+            assert await faults.user_name(lab.sessions, pk) == f"u{pk}r{round_}"
+            await asyncio.sleep(0)
+        await lab.cache.flush_pending()
+
+    def thread(pk: int) -> None:
+        try:
+            asyncio.run(work(pk))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=thread, args=(pk,)) for pk in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a thread's loop hung"
+    assert not errors, errors
+
+    async def check() -> None:
+        reader = await lab.reader("reader")
+        try:
+            for pk in (1, 2):
+                assert (await reader.get_user_name(pk))[0] == f"u{pk}r{rounds - 1}"
+        finally:
+            await reader.stop()
+        for pk in (1, 2):
+            await lab.assert_hit(pk, f"u{pk}r{rounds - 1}")
+        assert_recovered(lab.cache)
+
+    asyncio.run(check())
+    assert_recovered(lab.cache)
+
+
+def test_item10_a_loop_closed_while_the_breaker_probes_leaves_no_probe_behind(
+    loops_lab: LoopsLab,
+) -> None:
+    """Item 10: the breaker opens in a loop that is then closed without cancelling its tasks (a
+    hand-managed loop), its probe still pending. Once Redis is back, a request in a new loop
+    must close the breaker and be served from the cache again."""
+    lab = loops_lab
+    loop = asyncio.new_event_loop()
+
+    async def outage() -> None:
+        await lab.setup()
+        await lab.assert_hit(1, "user1")
+        lab.server.kill()
+        for _ in range(10):
+            assert await faults.user_name(lab.sessions, 1) == "user1"
+        assert breaker_state(lab.cache) == "open"
+
+    try:
+        loop.run_until_complete(outage())
+    finally:
+        loop.close()  # the probe task is left pending on a closed loop
+    lab.server.start()
+
+    async def after() -> None:
+        deadline = time.monotonic() + 15
+        while breaker_state(lab.cache) == "open" and time.monotonic() < deadline:
+            assert await faults.user_name(lab.sessions, 1) == "user1"
+            await asyncio.sleep(0.05)
+        assert_recovered(lab.cache)
+        await lab.assert_hit(1, "user1")
+
+    asyncio.run(after())

@@ -185,8 +185,9 @@ class CacheManager:
 
     async def disconnect(self) -> None:
         """Remove every listener and close the backend; sessions keep working, uncached."""
-        if self._background:
-            await asyncio.wait(list(self._background), timeout=1.0)
+        background = self._background_here()
+        if background:
+            await asyncio.wait(background, timeout=1.0)
         store = self._unhook()
         if store is not None:
             with contextlib.suppress(Exception):
@@ -323,8 +324,9 @@ class CacheManager:
 
     async def invalidate_all(self) -> None:
         """Make stale everything this prefix stored (a new epoch), and delete its entries."""
-        if self._background:  # entries being written land before the namespace is cleared
-            await asyncio.gather(*list(self._background), return_exceptions=True)
+        background = self._background_here()
+        if background:  # entries being written land before the namespace is cleared
+            await asyncio.gather(*background, return_exceptions=True)
         await greenlet_spawn(self.invalidate_all_sync)
 
     def invalidate_all_sync(self) -> None:
@@ -343,6 +345,16 @@ class CacheManager:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
+
+    def _background_here(self) -> list[asyncio.Task[None]]:
+        """The running loop's background tasks: another loop's cannot be awaited from this one
+        (threads each running a loop), and a closed loop's will never finish."""
+        loop = asyncio.get_running_loop()
+        tasks = list(self._background)  # one C-level copy: other loops' threads add and discard
+        for task in tasks:
+            if task.get_loop().is_closed():
+                self._background.discard(task)
+        return [task for task in tasks if task.get_loop() is loop]
 
     def store_in_background(
         self, fill: Fill, model_name: str, op: str, prepare: Callable[[], bool]
@@ -370,8 +382,9 @@ class CacheManager:
     async def flush_pending(self) -> None:
         """Wait for entries still being written, and deliver queued invalidations now if the
         backend answers."""
-        if self._background:
-            await asyncio.gather(*list(self._background), return_exceptions=True)
+        background = self._background_here()
+        if background:
+            await asyncio.gather(*background, return_exceptions=True)
         if self._invalidator is not None and self._invalidator.pending:
             try:
                 await greenlet_spawn(self._recover)

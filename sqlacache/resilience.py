@@ -13,6 +13,7 @@ calls miss their timeout while others succeed, and that must not switch the cach
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -90,7 +91,11 @@ class Breaker:
         """Whether a call may go to the backend; may run an inline probe when no loop probes."""
         if not self.is_open:
             return True
-        if self._probe_task is not None and not self._probe_task.done():
+        if self._probing():
+            return False
+        if _running_loop() is not None:
+            # the probe's loop ended (or never ran it): probe again from this one
+            self._start_probe(0.0)
             return False
         now = time.monotonic()
         if now < self._next_inline_probe or self.recover is None:
@@ -103,12 +108,26 @@ class Breaker:
         self.close()
         return True
 
+    def _probing(self) -> bool:
+        """Whether a probe task is pending on a loop that runs it.
+
+        A task belongs to its event loop: one left on a loop that closed or stopped (a second
+        `asyncio.run()`, a loop per test) will never run again and must not keep the breaker open.
+        """
+        task = self._probe_task
+        if task is None or task.done():
+            return False
+        loop = task.get_loop()
+        if loop.is_closed() or not loop.is_running():
+            self._probe_task = None
+            return False
+        return True
+
     def _start_probe(self, first_delay: float) -> None:
-        if self._probe_task is not None and not self._probe_task.done():
+        if self._probing():
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
+        loop = _running_loop()
+        if loop is None:
             self._next_inline_probe = time.monotonic() + first_delay
             return  # no loop: `allow()` probes inline
         self._probe_task = loop.create_task(self._probe_loop(first_delay))
@@ -131,9 +150,24 @@ class Breaker:
             self.close()
 
     def stop(self) -> None:
-        if self._probe_task is not None and not self._probe_task.done():
-            self._probe_task.cancel()
-        self._probe_task = None
+        task, self._probe_task = self._probe_task, None
+        if task is None or task.done():
+            return
+        loop = task.get_loop()
+        if loop.is_closed():
+            return  # it can never run again
+        if loop is _running_loop():
+            task.cancel()
+        else:  # another thread's loop: only that loop may touch its tasks
+            with contextlib.suppress(RuntimeError):  # closed meanwhile
+                loop.call_soon_threadsafe(task.cancel)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 class Guard:
