@@ -8,6 +8,7 @@ assertion is a generous one (no request may cost ten operation timeouts while Re
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import uuid
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
@@ -381,3 +383,144 @@ def test_item10_a_loop_closed_while_the_breaker_probes_leaves_no_probe_behind(
         await lab.assert_hit(1, "user1")
 
     asyncio.run(after())
+
+
+# -- item 12: an answer that says the configuration is wrong -----------------------------------------
+
+
+async def raw_client(server: RedisServer, password: str | None = None) -> Any:
+    """One dedicated connection (it stays authenticated when the server's password changes)."""
+    client = aioredis.Redis(
+        host=LOOPBACK, port=server.port, password=password, single_connection_client=True
+    )
+    lab_clients.append(client)
+    await client.ping()
+    return client
+
+
+lab_clients: list[Any] = []
+
+
+@pytest.fixture(autouse=True)
+async def _close_raw_clients() -> Any:
+    yield
+    while lab_clients:
+        await lab_clients.pop().aclose()
+
+
+def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("sqlacache") and r.levelno >= logging.ERROR
+    ]
+
+
+async def test_item12_a_wrong_password_raises_config_error_at_bind_naming_the_password(
+    lab: Lab,
+) -> None:
+    """Item 12: Redis answers WRONGPASS at bind(): ConfigError naming the password."""
+    server = await start_redis(lab, ["--requirepass", PASSWORD])
+    with pytest.raises(sqlacache.ConfigError, match="password"):
+        await lab.cache(redis_url(server.port, password="not-the-password"))
+
+
+async def test_item12_a_missing_password_raises_config_error_at_bind_naming_the_password(
+    lab: Lab,
+) -> None:
+    """Item 12: Redis answers NOAUTH at bind() (the URL has no password): ConfigError."""
+    server = await start_redis(lab, ["--requirepass", PASSWORD])
+    with pytest.raises(sqlacache.ConfigError, match="requires a password"):
+        await lab.cache(redis_url(server.port))
+
+
+async def test_item12_a_database_number_out_of_range_raises_config_error_at_bind_naming_it(
+    lab: Lab,
+) -> None:
+    """Item 12: SELECT 99 on a Redis with 16 databases: ConfigError naming the db number."""
+    server = await start_redis(lab, [])
+    with pytest.raises(sqlacache.ConfigError, match="database number 99"):
+        await lab.cache(redis_url(server.port, db=99))
+
+
+async def test_item12_an_acl_denial_at_bind_raises_config_error_naming_the_acl_user(
+    lab: Lab,
+) -> None:
+    """Item 12: an ACL user that may not run INFO (bind asks the server's identity)."""
+    server = await start_redis(lab, [])
+    admin = await raw_client(server)
+    await admin.execute_command("ACL", "SETUSER", "limited", "on", ">pw", "~*", "+@all", "-info")
+    url = f"redis://limited:pw@{LOOPBACK}:{server.port}/0"
+    with pytest.raises(sqlacache.ConfigError, match="ACL user 'limited'"):
+        await lab.cache(url)
+
+
+async def test_item12_an_unreachable_redis_at_bind_stays_an_outage(lab: Lab, sessions: Any) -> None:
+    """Item 12 / F1: nothing listens: no exception at bind, reads served by the database, an
+    outage in the breaker and no config error."""
+    server = lab.redis(start=False)
+    cache = await lab.cache(server.url)
+    await seed(sessions)
+    for _ in range(5):
+        assert await faults.user_name(sessions, 1) == "user1"
+    assert breaker_state(cache) == "open"
+    assert cache.stats()["backend"]["config_error"] is None
+
+
+async def test_item12_an_acl_denial_that_first_appears_later_is_an_error_in_the_log_and_stats(
+    lab: Lab, sessions: Any, sql: SQLCounter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Item 12: the ACL user may connect but not run scripts: bind() succeeds, the first fill is
+    refused. The application sees no error; the log has an ERROR naming the ACL user, stats()
+    shows it; once the ACL is fixed the cache resumes and the error is gone."""
+    caplog.set_level(logging.INFO, logger="sqlacache")
+    server = await start_redis(lab, [])
+    admin = await raw_client(server)
+    await admin.execute_command(
+        "ACL", "SETUSER", "limited", "on", ">pw", "~*", "+@all", "-evalsha", "-eval"
+    )
+    cache = await lab.cache(f"redis://limited:pw@{LOOPBACK}:{server.port}/0")
+    await seed(sessions)
+
+    for _ in range(5):
+        assert await faults.user_name(sessions, 1) == "user1"
+        await cache.flush_pending()
+    problem = cache.stats()["backend"]["config_error"]
+    assert problem is not None and "ACL user 'limited'" in problem, cache.stats()["backend"]
+    logged = errors_logged(caplog)
+    assert len(logged) == 1 and "ACL user 'limited'" in logged[0], logged
+
+    await admin.execute_command("ACL", "SETUSER", "limited", "+evalsha", "+eval")
+    await wait_until_recovered(cache)
+    assert cache.stats()["backend"]["config_error"] is None
+    await assert_cached(sessions, sql, 1, "user1")
+    assert len(errors_logged(caplog)) == 1
+
+
+async def test_item12_a_password_required_later_is_an_error_in_the_log_and_stats(
+    lab: Lab, sessions: Any, sql: SQLCounter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Item 12: Redis starts requiring a password while the process runs (its connections
+    killed): reads and commits go on; an ERROR names the password; stats() shows it."""
+    caplog.set_level(logging.INFO, logger="sqlacache")
+    server = await start_redis(lab, [])
+    admin = await raw_client(server)
+    cache = await lab.cache(server.url)
+    await seed(sessions)
+    await assert_cached(sessions, sql, 1, "user1")
+
+    await admin.config_set("requirepass", PASSWORD)
+    await admin.execute_command("CLIENT", "KILL", "TYPE", "normal")
+    for _ in range(5):
+        assert await faults.user_name(sessions, 1) == "user1"
+    await rename(sessions, 2, "bob")
+    assert await faults.user_name(sessions, 2) == "bob"
+    problem = cache.stats()["backend"]["config_error"]
+    assert problem is not None and "password" in problem, cache.stats()["backend"]
+    logged = errors_logged(caplog)
+    assert len(logged) == 1 and "password" in logged[0], logged
+
+    await admin.config_set("requirepass", "")
+    await wait_until_recovered(cache)
+    assert cache.stats()["backend"]["config_error"] is None
+    await assert_cached(sessions, sql, 2, "bob")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 from collections.abc import Callable, Coroutine, Iterable
@@ -29,6 +30,7 @@ from .errors import CacheUnavailable, ConfigError, TransportError
 from .hooks import FORCE_OPTION, ReadPath
 from .invalidation import Invalidator, WriteSet
 from .keys import Namespace, UnstableValue, new_token, pk_text
+from .redis_errors import classify_redis_error
 from .resilience import Breaker, Guard
 from .serialize import Serializer
 from .stats import HitHook, InvalidateHook, Stats
@@ -109,6 +111,9 @@ class CacheManager:
             self.breaker.recover = self._recover
             if self._store.shared:
                 self._invalidator.spawn = self._spawn
+                self.breaker.misconfiguration = functools.partial(
+                    classify_redis_error, url=self.config.backend.url
+                )
         return self._store
 
     @property
@@ -178,10 +183,16 @@ class CacheManager:
         """Record the database identity in the backend (for the command line) and open a few
         connections. Redis may be down (F1): failures only feed the circuit breaker, which logs
         once per outage."""
-        with contextlib.suppress(CacheUnavailable):
+        try:
             self.guard(self.store.warm_up)
             self._check_server(self.guard(self.store.server_id))
             self.guard(self.store.add_member, self.namespace.databases_key, identity)
+        except CacheUnavailable as exc:
+            # a mistake in the configuration is not an outage: it will not pass by itself
+            cause = exc.__cause__
+            problem = None if cause is None else self.breaker.misconfiguration(cause)
+            if problem is not None:
+                raise ConfigError(problem) from cause
 
     async def disconnect(self) -> None:
         """Remove every listener and close the backend; sessions keep working, uncached."""
@@ -480,6 +491,8 @@ class CacheManager:
                 if backend.is_memory
                 else "shared by every process using this Redis and prefix"
             ),
+            # what the backend's refusal says is wrong in the configuration (None if nothing)
+            "config_error": self.breaker.config_error,
         }
         data["prefix"] = self.config.prefix
         data["circuit_breaker"] = {

@@ -46,6 +46,11 @@ class Breaker:
         self._next_inline_probe = 0.0
         #: set by the owner: checks the backend and redelivers queued invalidations, or raises
         self.recover: Callable[[], None] | None = None
+        #: set by the owner: the wrong setting named by a failure that says the configuration is
+        #: wrong (a bad password, a missing database, an ACL denial), else None
+        self.misconfiguration: Callable[[BaseException], str | None] = _no_misconfiguration
+        #: the wrong setting the backend's last refusal named; None once it answers again
+        self.config_error: str | None = None
 
     @property
     def state(self) -> str:
@@ -58,13 +63,32 @@ class Breaker:
     def failure(self, exc: BaseException, started: float) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"
         self.stats.transport_errors += 1
+        if self.misconfigured(exc):
+            return
         if self.last_success > started:
             return  # the backend answered someone meanwhile: local trouble, not an outage
         self.failures += 1
         if self.failures >= self.threshold:
             self.trip(self.last_error)
 
-    def trip(self, reason: str, *, retry_now: bool = False) -> None:
+    def misconfigured(self, exc: BaseException) -> bool:
+        """Whether `exc` says the configuration is wrong; if so the breaker opens at once (this
+        never passes by itself) and the mistake is logged as an ERROR, once, naming the setting.
+        The probe goes on, so a corrected server (an ACL fixed, a password set) is used again."""
+        problem = self.misconfiguration(exc)
+        if problem is None:
+            return False
+        if problem != self.config_error:
+            logger.error(
+                "sqlacache: the cache backend refuses this configuration: %s; serving from the "
+                "database",
+                problem,
+            )
+        self.config_error = problem
+        self.trip(problem, quiet=True)
+        return True
+
+    def trip(self, reason: str, *, retry_now: bool = False, quiet: bool = False) -> None:
         """Open now (an undelivered invalidation must be redelivered before any cache read).
 
         `retry_now`: probe at once rather than after `probe_interval`. An invalidation lost to a
@@ -74,9 +98,10 @@ class Breaker:
         if not self.is_open:
             self.is_open = True
             self.opened_at = time.monotonic()
-            logger.warning(
-                "sqlacache: cache backend unavailable (%s); serving from the database", reason
-            )
+            if not quiet:
+                logger.warning(
+                    "sqlacache: cache backend unavailable (%s); serving from the database", reason
+                )
         self._start_probe(0.0 if retry_now else self.probe_interval)
 
     def close(self) -> None:
@@ -86,6 +111,7 @@ class Breaker:
         self.is_open = False
         self.failures = 0
         self.opened_at = None
+        self.config_error = None
 
     def allow(self) -> bool:
         """Whether a call may go to the backend; may run an inline probe when no loop probes."""
@@ -103,7 +129,8 @@ class Breaker:
         self._next_inline_probe = now + self.probe_interval
         try:
             self.recover()
-        except Exception:
+        except Exception as exc:
+            self.misconfigured(exc)
             return False
         self.close()
         return True
@@ -143,7 +170,8 @@ class Breaker:
                     await greenlet_spawn(self.recover)
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
+                self.misconfigured(exc)
                 interval = min(interval * 2, self.MAX_PROBE_INTERVAL)
                 delay = interval
                 continue
@@ -161,6 +189,10 @@ class Breaker:
         else:  # another thread's loop: only that loop may touch its tasks
             with contextlib.suppress(RuntimeError):  # closed meanwhile
                 loop.call_soon_threadsafe(task.cancel)
+
+
+def _no_misconfiguration(exc: BaseException) -> str | None:
+    return None
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
