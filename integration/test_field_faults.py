@@ -423,6 +423,7 @@ async def test_item12_a_wrong_password_raises_config_error_at_bind_naming_the_pa
     server = await start_redis(lab, ["--requirepass", PASSWORD])
     with pytest.raises(sqlacache.ConfigError, match="password"):
         await lab.cache(redis_url(server.port, password="not-the-password"))
+    assert lab.caches[-1].stats()["databases"] == [], "the engine stayed bound"
 
 
 async def test_item12_a_missing_password_raises_config_error_at_bind_naming_the_password(

@@ -25,7 +25,7 @@ from sqlalchemy.pool import Pool
 from ._greenlet import greenlet_spawn
 from .analysis import MAPPERS
 from .config import CacheConfig, _import_class
-from .database import Database, database_identity
+from .database import Database, Databases, database_identity
 from .errors import CacheUnavailable, ConfigError, TransportError
 from .hooks import FORCE_OPTION, ReadPath
 from .invalidation import Invalidator, WriteSet
@@ -68,7 +68,7 @@ class CacheManager:
         self._invalidator: Invalidator | None = None
         self._tracker: WriteTracker | None = None
         self._read_path: ReadPath | None = None
-        self._databases: dict[Pool, Database] = {}
+        self._databases = Databases()
         self._global_listeners = False
         self._server_id: str | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -135,13 +135,13 @@ class CacheManager:
         return self._read_path
 
     def database_for_pool(self, pool: Pool) -> Database | None:
-        return self._databases.get(pool)
+        return self._databases.for_pool(pool)
 
     def database_for(self, connection: Any) -> Database | None:
         engine = (
             connection if isinstance(connection, Engine) else getattr(connection, "engine", None)
         )
-        return None if engine is None else self._databases.get(engine.pool)
+        return None if engine is None else self._databases.for_pool(engine.pool)
 
     # -- binding --------------------------------------------------------------------------------
 
@@ -149,30 +149,37 @@ class CacheManager:
         """Cache the ORM sessions of `engine`. May be called for several engines."""
         identity = self._hook_engine(engine, database_id)
         if identity is not None:
-            await greenlet_spawn(self._register_database, identity)
+            try:
+                await greenlet_spawn(self._register_database, identity)
+            except ConfigError:
+                self._databases.remove(_sync_engine(engine))  # not bound: the caller must fix it
+                raise
 
     def bind_sync(self, engine: Engine | AsyncEngine, database_id: str | None = None) -> None:
         """`bind()` for a sync `Engine` and `Session` (SPEC §7); same configuration and guarantees."""
         identity = self._hook_engine(engine, database_id)
         if identity is not None:
-            self._register_database(identity)
+            try:
+                self._register_database(identity)
+            except ConfigError:
+                self._databases.remove(_sync_engine(engine))
+                raise
 
     def _hook_engine(self, engine: AsyncEngine | Engine, database_id: str | None) -> str | None:
         """Install the listeners for `engine`; return its identity, or None if already bound."""
-        sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+        sync_engine = _sync_engine(engine)
         if not isinstance(sync_engine, Engine):
             raise ConfigError(f"bind() takes an AsyncEngine or Engine, got {type(engine).__name__}")
         if database_id is not None and (not isinstance(database_id, str) or not database_id):
             raise ConfigError(f"database_id must be a non-empty string, got {database_id!r}")
         self.config.resolve_imports()
         self.store  # noqa: B018 - the store exists from the first bind on
-        if sync_engine.pool in self._databases:
-            return None
+        if sync_engine in self._databases or self._databases.for_pool(sync_engine.pool):
+            return None  # bound already (or an engine sharing its pool, from execution_options)
         identity = database_id or database_identity(sync_engine)
-        self._databases[sync_engine.pool] = Database(
-            sync_engine, identity, self.config.volatile_functions
-        )
+        database = Database(sync_engine, identity, self.config.volatile_functions)
         self.tracker.listen_engine(sync_engine)
+        self._databases.add(database, _take_engine_listeners(self.tracker, sync_engine))
         if not self._global_listeners:
             event.listen(Session, "do_orm_execute", self.read_path.on_execute, retval=True)
             self.tracker.listen_globally()
@@ -223,8 +230,6 @@ class CacheManager:
         if self._tracker is not None:
             self._tracker.unlisten()
         self.breaker.stop()
-        for database in self._databases.values():
-            database.plans.clear()
         self._databases.clear()
         store, self._store = self._store, None
         self._invalidator = None
@@ -328,7 +333,7 @@ class CacheManager:
             raise TransportError("cache backend unreachable; the invalidation is queued")
 
     def _known_databases(self) -> list[str]:
-        known = {db.identity for db in self._databases.values()}
+        known = {db.identity for db in self._databases}
         with contextlib.suppress(CacheUnavailable):
             known.update(self.guard(self.store.members, self.namespace.databases_key))
         return sorted(known)
@@ -439,7 +444,7 @@ class CacheManager:
                 bump, new_token(), invalidator.row_ttl_ms, invalidator.lease_ttl_ms
             )
         )
-        for database in list(self._databases.values()):  # the registry may have been lost
+        for database in self._databases:  # the registry may have been lost
             store.add_member(self.namespace.databases_key, database.identity)
 
     def _check_server(self, server_id: str | None) -> None:
@@ -501,8 +506,24 @@ class CacheManager:
             "last_error": self.breaker.last_error,
         }
         data["pending_invalidations"] = self._invalidator.pending if self._invalidator else 0
-        data["databases"] = sorted(db.identity for db in self._databases.values())
+        data["databases"] = sorted(db.identity for db in self._databases)
         return data
+
+
+def _sync_engine(engine: AsyncEngine | Engine) -> Engine:
+    return engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+
+
+def _take_engine_listeners(
+    tracker: WriteTracker, engine: Engine
+) -> list[tuple[str, Callable[..., Any]]]:
+    """The tracker's listeners on `engine`, taken out of its own list, which would hold the
+    engine strongly for as long as the cache lives; `Databases` holds it weakly and removes them
+    when the engine is unbound."""
+    own = tracker._engine_listeners
+    taken = [(name, fn) for target, name, fn in own if target is engine]
+    own[:] = [entry for entry in own if entry[0] is not engine]
+    return taken
 
 
 def _all_tables() -> list[Table]:
