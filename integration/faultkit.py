@@ -238,6 +238,13 @@ class FaultProxy:
         self.latency = latency
         await self._listen()
 
+    def stop_listening(self) -> None:
+        """Close the listening socket only (its port can be listened on again at once); the
+        connections open now are left as they are."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
     def watch(self, needle: bytes) -> asyncio.Event:
         """An event set when a client sends bytes containing `needle` (seen at the proxy)."""
         event = asyncio.Event()

@@ -26,7 +26,7 @@ from sqlalchemy.pool import NullPool
 
 import sqlacache
 from integration import test_faults as faults
-from integration.faultkit import LOOPBACK, FaultProxy, ReaderProcess, RedisServer
+from integration.faultkit import LOOPBACK, FaultProxy, ReaderProcess, RedisServer, free_port
 from integration.test_faults import (
     Lab,
     assert_cached,
@@ -191,10 +191,12 @@ async def test_item9_blackholed_redis_bounds_every_sync_request_and_opens_the_br
 class LoopsLab:
     """A cache bound once, used from event loops that come and go; its own redis-server."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, proxy_port: int | None = None) -> None:
         self.tmp_path = tmp_path
         self.server = RedisServer()
         self.server.start()
+        #: the cache talks to Redis through a proxy on this port, if given (one per loop)
+        self.proxy_port = proxy_port
         self.prefix = f"loops{uuid.uuid4().hex[:8]}"
         # NullPool: the engine's own connections must not outlive a loop either
         self.engine = create_async_engine(faults.PG_URL, poolclass=NullPool)
@@ -202,7 +204,7 @@ class LoopsLab:
         self.selects: dict[int, int] = {}  # per thread: SELECTs its loop sent
         event.listen(self.engine.sync_engine, "before_cursor_execute", self._count)
         self.cache = sqlacache.configure(
-            backend=self.server.url,
+            backend=redis_url(proxy_port) if proxy_port else self.server.url,
             models={"*": {"timeout": 300}},
             prefix=self.prefix,
             operation_timeout=0.5,
@@ -525,3 +527,60 @@ async def test_item12_a_password_required_later_is_an_error_in_the_log_and_stats
     await wait_until_recovered(cache)
     assert cache.stats()["backend"]["config_error"] is None
     await assert_cached(sessions, sql, 2, "bob")
+
+
+def test_item10_a_delivery_cut_by_the_end_of_its_loop_is_redelivered_by_the_next_loop(
+    stack: Any, tmp_path: Path
+) -> None:
+    """Item 10: a commit cancelled after COMMIT hands its invalidation to a task of its own; the
+    loop ends (asyncio.run() returns) while it is in flight, cancelling it. The invalidation must
+    be kept and redelivered by the next loop: another process reads the new row, and the commit's
+    write lease is released, so that the table is cached again."""
+    port = free_port()
+    lab = LoopsLab(tmp_path, proxy_port=port)
+    try:
+
+        async def first() -> None:
+            proxy = await FaultProxy(lab.server.port, port=port).start()
+            await lab.setup()
+            await lab.assert_hit(1, "user1")
+            reader = await lab.reader("reader1")
+            try:
+                assert await reader.get_user_name(1) == ("user1", 0)
+            finally:
+                await reader.stop()
+            await faults.commit_cancelled_after_commit(
+                lab.cache, lab.sessions, proxy, 1, "carol", lambda: proxy.delay(1.0)
+            )
+            proxy.stop_listening()  # the next loop listens on the same port
+            # return at once: the delivery is still in flight, and asyncio.run() cancels it
+
+        async def second() -> None:
+            proxy = await FaultProxy(lab.server.port, port=port).start()
+            try:
+                await lab.cache.flush_pending()
+                deadline = time.monotonic() + 15
+                while cache_recovering(lab.cache) and time.monotonic() < deadline:
+                    assert await faults.user_name(lab.sessions, 1) == "carol"
+                    await asyncio.sleep(0.05)
+                assert_recovered(lab.cache)
+                reader = await lab.reader("reader2")
+                try:
+                    assert await reader.get_user_name(1) == ("carol", 1), "stale in another process"
+                    # the lost delivery also released the commit's write lease: fills resume
+                    assert await reader.get_user_name(1) == ("carol", 0), "users never cached again"
+                finally:
+                    await reader.stop()
+                await lab.assert_hit(1, "carol")
+            finally:
+                await proxy.aclose()
+
+        asyncio.run(first())
+        asyncio.run(second())
+    finally:
+        lab.close()
+
+
+def cache_recovering(cache: sqlacache.CacheManager) -> bool:
+    stats = cache.stats()
+    return stats["circuit_breaker"]["state"] != "closed" or stats["pending_invalidations"] > 0

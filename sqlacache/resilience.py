@@ -157,6 +157,8 @@ class Breaker:
         if loop is None:
             self._next_inline_probe = time.monotonic() + first_delay
             return  # no loop: `allow()` probes inline
+        if _being_cancelled():
+            return  # its loop may be shutting down: the next `allow()` starts the probe
         self._probe_task = loop.create_task(self._probe_loop(first_delay))
 
     async def _probe_loop(self, first_delay: float) -> None:
@@ -193,6 +195,13 @@ class Breaker:
 
 def _no_misconfiguration(exc: BaseException) -> str | None:
     return None
+
+
+def _being_cancelled() -> bool:
+    """Whether the running task is handling its cancellation (Python 3.11+ can tell)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling()) if cancelling is not None else False
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
