@@ -8,6 +8,7 @@ assertion is a generous one (no request may cost ten operation timeouts while Re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -258,10 +259,14 @@ def loops_lab(stack: Any, tmp_path: Path) -> Iterator[LoopsLab]:
         lab.close()
 
 
-def assert_recovered(cache: sqlacache.CacheManager) -> None:
+def assert_recovered(cache: sqlacache.CacheManager, *, errors: bool = True) -> None:
+    """Breaker closed, nothing left to redeliver; with `errors=False`, no Redis call ever failed
+    (no fault was injected: an error can only be the cache misusing a loop's connection)."""
     stats = cache.stats()
     assert stats["circuit_breaker"]["state"] == "closed", stats["circuit_breaker"]
     assert stats["pending_invalidations"] == 0, stats
+    if not errors:
+        assert stats["transport_errors"] == 0, stats["circuit_breaker"]
 
 
 def test_item10_a_second_asyncio_run_serves_hits_and_its_commits_invalidate(
@@ -272,12 +277,9 @@ def test_item10_a_second_asyncio_run_serves_hits_and_its_commits_invalidate(
     closed."""
     lab = loops_lab
 
-    async def first() -> None:
-        await lab.setup()
-        await lab.assert_hit(1, "user1")
-
     async def second() -> None:
-        await lab.assert_hit(1, "user1")  # the entry stored by the first loop
+        for pk in (1, 2, 3):
+            await lab.assert_hit(pk, f"user{pk}")  # stored by the first loop, or now
         reader = await lab.reader("reader")
         try:
             assert await reader.get_user_name(1) == ("user1", 0)  # cached in Redis
@@ -287,12 +289,17 @@ def test_item10_a_second_asyncio_run_serves_hits_and_its_commits_invalidate(
         finally:
             await reader.stop()
         await lab.assert_hit(1, "alice")
-        assert_recovered(lab.cache)
+        assert_recovered(lab.cache, errors=False)
+
+    async def first() -> None:
+        await lab.setup()
+        for pk in (1, 2, 3):
+            await lab.assert_hit(pk, f"user{pk}")
 
     asyncio.run(first())
     asyncio.run(second())
     asyncio.run(second_again(lab))
-    assert_recovered(lab.cache)
+    assert_recovered(lab.cache, errors=False)
 
 
 async def second_again(lab: LoopsLab) -> None:
@@ -300,7 +307,7 @@ async def second_again(lab: LoopsLab) -> None:
     await rename(lab.sessions, 1, "bob")
     await lab.assert_hit(1, "bob")
     await lab.cache.flush_pending()
-    assert_recovered(lab.cache)
+    assert_recovered(lab.cache, errors=False)
 
 
 def test_item10_two_threads_each_with_its_own_loop_use_one_cache_at_once(
@@ -347,10 +354,10 @@ def test_item10_two_threads_each_with_its_own_loop_use_one_cache_at_once(
             await reader.stop()
         for pk in (1, 2):
             await lab.assert_hit(pk, f"u{pk}r{rounds - 1}")
-        assert_recovered(lab.cache)
+        assert_recovered(lab.cache, errors=False)
 
     asyncio.run(check())
-    assert_recovered(lab.cache)
+    assert_recovered(lab.cache, errors=False)
 
 
 def test_item10_a_loop_closed_while_the_breaker_probes_leaves_no_probe_behind(
@@ -584,3 +591,46 @@ def test_item10_a_delivery_cut_by_the_end_of_its_loop_is_redelivered_by_the_next
 def cache_recovering(cache: sqlacache.CacheManager) -> bool:
     stats = cache.stats()
     return stats["circuit_breaker"]["state"] != "closed" or stats["pending_invalidations"] > 0
+
+
+def test_item12_a_wrong_password_raises_config_error_at_bind_sync(
+    stack: Any, sync_engine: Engine
+) -> None:
+    """Item 12 (sync client): `bind_sync()` raises the same ConfigError."""
+    with contextlib.ExitStack() as cleanup:
+        server = RedisServer(args=["--requirepass", PASSWORD])
+        cleanup.callback(server.cleanup)
+        server.start()
+        cache = sqlacache.configure(
+            backend=redis_url(server.port, password="not-the-password"),
+            models={"*": {"timeout": 300}},
+            operation_timeout=TIMEOUT,
+        )
+        cleanup.callback(cache.disconnect_sync)
+        with pytest.raises(sqlacache.ConfigError, match="password"):
+            cache.bind_sync(sync_engine)
+        assert cache.stats()["databases"] == []
+
+
+async def test_item9_bind_to_a_blackholed_redis_is_bounded_and_raises_nothing(
+    lab: Lab, sessions: Any
+) -> None:
+    """Item 9: bind() itself (warm-up, server identity, registry) against a Redis that accepts
+    connections and never answers costs a bounded time, and the reads that follow are served
+    by the database."""
+    server = await start_redis(lab, [])
+    proxy = await lab.proxy(server)
+    proxy.blackhole(drop_existing=True)
+    start = time.perf_counter()
+    cache = await asyncio.wait_for(
+        lab.cache(redis_url(proxy.port, db=3), operation_timeout=TIMEOUT), HUNG
+    )
+    cost = time.perf_counter() - start
+    assert cost < 2 * TOO_SLOW, f"bind() took {cost:.3f}s against a silent Redis"
+    await seed(sessions)
+
+    async def read() -> None:
+        assert await faults.user_name(sessions, 1) == "user1"
+
+    costs = await blackholed_requests(cache, proxy, read, requests=6)
+    assert not [c for c in costs if c > TOO_SLOW], costs
