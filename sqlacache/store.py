@@ -356,14 +356,16 @@ def _bounded_handshake(seconds: float) -> Callable[[Any], Awaitable[None]]:
     """redis-py's connection handshake (AUTH, HELLO, SELECT, CLIENT SETNAME) under one deadline.
 
     Installed as the connections' `redis_connect_func`. A Redis that accepts connections and never
-    answers would otherwise hold a connection without a socket timeout (a lean one) forever. A
+    answers would otherwise hold a connection without a socket timeout (a lean one) forever. Like
+    a command's, the deadline is one of Redis's silence (see `_Deadline`): a burst that keeps the
+    event loop busy while replies wait in the sockets must not fail its new connections. A
     handshake cut short, by its deadline or by a cancelled caller, closes its connection: one that
     never ran its AUTH or SELECT must not be handed out again (it would talk to database 0).
     """
 
     async def handshake(connection: Any) -> None:
         try:
-            async with _timeout_after(seconds):
+            async with _Deadline(seconds, connection):
                 await connection.on_connect()
         except BaseException as exc:
             await connection.disconnect(nowait=True)
@@ -539,8 +541,8 @@ class RedisStore:
             gate.release()
 
     async def _lean_connection(self, clients: _LoopClients) -> Any:
-        """An idle lean connection, or a new one, connected and handshaken within the connect
-        timeout (a lean connection has no socket timeout of its own)."""
+        """An idle lean connection, or a new one: its TCP connect and its handshake each have
+        the connect timeout (a lean connection has no socket timeout of its own)."""
         idle = clients.idle
         while idle:
             connection = idle.pop()
@@ -548,14 +550,9 @@ class RedisStore:
                 return connection
         connection = clients.lean_pool.make_connection()
         try:
-            async with _timeout_after(self.connect_timeout):
-                await connection.connect()
-        except BaseException as exc:
-            await connection.disconnect(nowait=True)
-            if isinstance(exc, asyncio.TimeoutError):
-                raise _redis_timeout(
-                    f"no connection to Redis within {self.connect_timeout}s"
-                ) from None
+            await connection.connect()
+        except BaseException:
+            await connection.disconnect(nowait=True)  # a connect cut short leaves no socket
             raise
         return connection
 
@@ -817,8 +814,12 @@ def _timeout_after(seconds: float | None) -> Any:
 
 
 def _reply_waiting(connection: Any) -> bool:
-    """Whether bytes from Redis are readable on this connection's socket (never consumed)."""
+    """Whether bytes from Redis wait for this connection's reader (never consumed): readable on
+    its socket, or already read off it by the event loop into the stream's buffer, the reader
+    not yet resumed (the loop is busy)."""
     try:
+        if connection._reader._buffer:
+            return True
         sock = connection._writer.transport.get_extra_info("socket")
         readable, _, _ = select.select([sock], [], [], 0)
     except Exception:
