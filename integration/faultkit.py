@@ -4,7 +4,8 @@
   SIGKILL and restart on the same port; always killed at the end.
 - `FaultProxy` / `fault_proxy()`: an asyncio TCP proxy in front of Redis, in the test's event loop.
   Modes: pass-through (optionally with added latency), `cut()` (drop every connection and refuse new
-  ones), `blackhole()` (accept and read, never forward nor answer), `restore()`.
+  ones), `blackhole()` (accept and read, never forward nor answer; `drop_existing=True` also drops
+  the connections already open, as a Redis that hung after the process connected), `restore()`.
 - `ReaderProcess`: a second, real Python process that reads through its own `CacheManager`
   (run as `python -m integration.faultkit reader ...`), answering commands on stdin/stdout.
 """
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,10 @@ class RedisServer:
 
     READY = "Ready to accept connections"
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, args: Sequence[str] = ()) -> None:
         self.port = port or free_port()
+        #: extra command-line arguments, e.g. ("--requirepass", "secret")
+        self.args = list(args)
         self._dir = tempfile.mkdtemp(prefix="sqlacache-redis-")
         self._proc: subprocess.Popen[str] | None = None
         self._lines: queue.Queue[str | None] = queue.Queue()
@@ -71,7 +74,7 @@ class RedisServer:
             raise RuntimeError("redis-server is not on PATH")
         self._lines = queue.Queue()
         command = [binary, "--port", str(self.port), "--bind", LOOPBACK, "--save", ""]
-        command += ["--appendonly", "no", "--dir", self._dir, "--daemonize", "no"]
+        command += ["--appendonly", "no", "--dir", self._dir, "--daemonize", "no", *self.args]
         proc = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,
@@ -126,8 +129,8 @@ class RedisServer:
 
 
 @contextlib.contextmanager
-def redis_server(start: bool = True) -> Iterator[RedisServer]:
-    server = RedisServer()
+def redis_server(start: bool = True, args: Sequence[str] = ()) -> Iterator[RedisServer]:
+    server = RedisServer(args=args)
     try:
         if start:
             server.start()
@@ -211,9 +214,16 @@ class FaultProxy:
         for link in list(self._links):
             link.close()
 
-    def blackhole(self) -> None:
-        """Keep accepting and reading, but forward nothing and answer nothing."""
+    def blackhole(self, *, drop_existing: bool = False) -> None:
+        """Keep accepting and reading, but forward nothing and answer nothing.
+
+        `drop_existing`: also close the connections open now, so that the client must connect
+        again and meets the silence in its connection handshake (HELLO, AUTH, SELECT).
+        """
         self.mode = "blackhole"
+        if drop_existing:
+            for link in list(self._links):
+                link.close()
 
     def delay(self, seconds: float) -> None:
         """Pass-through, each chunk held `seconds` before it is forwarded (both directions)."""
@@ -227,6 +237,13 @@ class FaultProxy:
         self.mode = "pass"
         self.latency = latency
         await self._listen()
+
+    def stop_listening(self) -> None:
+        """Close the listening socket only (its port can be listened on again at once); the
+        connections open now are left as they are."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
 
     def watch(self, needle: bytes) -> asyncio.Event:
         """An event set when a client sends bytes containing `needle` (seen at the proxy)."""

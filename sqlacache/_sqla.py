@@ -126,3 +126,31 @@ def read_beside(state: ORMExecuteState) -> tuple[Result[Any], Session]:
         own.close()
         raise
     return result, own
+
+
+def orm_row_metadata(labels: list[Any], extra: list[Any], entities: list[Any]) -> Any:
+    """The metadata an ORM result carries, uniquing rules included: `result.unique()` on a hit
+    must dedupe entities by identity (as the ORM does), not by their own `__hash__`, which a model
+    may not have."""
+    from sqlalchemy.engine.result import SimpleResultMetaData
+
+    filters = [
+        id
+        if getattr(entity, "use_id_for_hash", False)
+        else _hash_or_id
+        if getattr(entity, "_non_hashable_value", False)
+        or getattr(entity, "_null_column_type", False)
+        else None
+        for entity in entities
+    ]
+    try:  # SQLAlchemy 2.1
+        return SimpleResultMetaData(labels, extra, _create_unique_filters=lambda result: filters)
+    except TypeError:  # 2.0
+        return SimpleResultMetaData(labels, extra, _unique_filters=filters)  # type: ignore[call-arg]
+
+
+def _hash_or_id(value: Any) -> int:
+    try:
+        return hash(value)
+    except TypeError:
+        return id(value)

@@ -32,6 +32,7 @@ from sqlalchemy.sql.elements import (
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import CompoundSelect, Exists, Select, TextualSelect
 
+from . import _sqla
 from .keys import UnstableValue, canonical, digest
 
 EAGER_STRATEGIES = frozenset({"selectin", "joined", "subquery", "immediate"})
@@ -227,7 +228,7 @@ def analyse(statement: Any, cache_key: Any, dialect: Dialect, volatile: frozense
         tables=tables,
         row_tables=row_tables,
         pk_params=pk_params,
-        sql_digest=digest(str(compiled), options_text),
+        sql_digest=digest(str(compiled), options_text, describe_result(statement)),
         shape=shape,
         mappers=mappers,
     )
@@ -567,6 +568,32 @@ def _option_relationships(statement: Any) -> Iterator[RelationshipProperty[Any]]
                     yield token
 
 
+def describe_result(statement: Any) -> str:
+    """What each result column is, as text identical in every process.
+
+    Two statements can render the same SQL and still return different things: an entity, its
+    columns, a `Bundle` of them, another class mapped to the same table. Their entries must
+    differ.
+    """
+    try:
+        descriptions = statement.column_descriptions
+    except Exception:
+        return ""
+    parts = []
+    for desc in descriptions:
+        entity, expr = desc.get("entity"), desc.get("expr")
+        info = inspect(entity, raiseerr=False) if entity is not None else None
+        mapper = getattr(info, "mapper", None)
+        owner = "" if mapper is None else mapper_name_of(mapper)
+        kind = "entity" if expr is entity and entity is not None else type(expr).__name__
+        parts.append(f"{desc.get('name')}:{kind}:{owner}:{int(bool(desc.get('aliased')))}")
+    return ";".join(parts)
+
+
+def mapper_name_of(mapper: Mapper[Any]) -> str:
+    return f"{mapper.class_.__module__}.{mapper.class_.__qualname__}"
+
+
 def describe_options(statement: Any) -> str:
     """Loader options as text that is identical in every process (no memory addresses)."""
     parts: list[str] = []
@@ -614,7 +641,7 @@ def result_shape(compiled: Any, compile_state: Any, statement: Any) -> ResultSha
         extra = [getattr(e, "_extra_entities", ()) for e in entities]
         single = len(entities) == 1 and bool(entities[0].supports_single_entity)
         return ResultShape(
-            metadata=SimpleResultMetaData(labels, extra),
+            metadata=_sqla.orm_row_metadata(labels, extra, entities),
             single_entity=single,
             filtered=bool(getattr(compile_state, "_has_mapper_entities", False)),
             requires_unique=bool(getattr(compile_state, "multi_row_eager_loaders", False)),

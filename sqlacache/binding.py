@@ -3,6 +3,8 @@ recovery, wired together once, and the listeners that `disconnect()` removes."""
 
 from __future__ import annotations
 
+import functools
+
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
@@ -11,6 +13,7 @@ from .config import CacheConfig
 from .hooks import ReadPath
 from .invalidation import Invalidator
 from .keys import Namespace
+from .redis_errors import classify_redis_error
 from .resilience import Breaker, GuardedStore, Recovery
 from .runtime import Runtime
 from .serialize import Serializer
@@ -45,6 +48,10 @@ class Bound:
         self.read_path = ReadPath(runtime)
         self.recovery = Recovery(store, self.invalidator, namespace, runtime.databases.identities)
         breaker.recover = self.recovery
+        if store.shared:  # a Redis answer may say the configuration is wrong, not that it is down
+            breaker.misconfiguration = functools.partial(
+                classify_redis_error, url=config.backend.url, options=config.backend.options
+            )
         event.listen(Session, "do_orm_execute", self.read_path.on_execute, retval=True)
         self.tracker.listen_globally()
 

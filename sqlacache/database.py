@@ -1,4 +1,5 @@
-"""A bound engine: its database identity, how its tables are named in keys, its isolation level.
+"""A bound engine: its database identity, how its tables are named in keys, its isolation level;
+and `Databases`, the engines a cache is bound to, held weakly.
 
 Tables are named by schema-qualified name *after* `schema_translate_map`, on reads and writes
 alike, so two tenants' `users` tables have separate versions (SPEC C7).
@@ -10,11 +11,12 @@ import logging
 import os
 import uuid
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from sqlalchemy import Table
+from sqlalchemy import Table, event
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import Pool
 
 from .analysis import PlanCache
 
@@ -112,7 +114,8 @@ class Database:
     """One bound engine (an `AsyncEngine`'s sync engine)."""
 
     def __init__(self, engine: Engine, identity: str, volatile: frozenset[str]) -> None:
-        self.engine = engine
+        # weakly: the cache must not keep an engine alive that the application dropped
+        self._engine = weakref.ref(engine)
         self.identity = identity
         self.dialect = engine.dialect
         self.plans = PlanCache(engine.dialect, volatile)
@@ -120,6 +123,15 @@ class Database:
             "schema_translate_map"
         )
         self.is_sqlite = engine.dialect.name == "sqlite"
+        #: listeners installed on the engine for this cache, removed when it is unbound
+        self.listeners: list[tuple[str, Callable[..., Any]]] = []
+
+    @property
+    def engine(self) -> Engine:
+        engine = self._engine()
+        if engine is None:
+            raise ReferenceError(f"the engine of database {self.identity!r} was garbage-collected")
+        return engine
 
     def schema_map(self, *layers: Mapping[str, Any] | None) -> Mapping[Any, Any] | None:
         """`schema_translate_map` merged from engine, connection, statement and call (last wins)."""
@@ -157,6 +169,83 @@ class Database:
 
     def autocommit(self, connection: Connection) -> bool:
         return self.isolation_of(connection) == "AUTOCOMMIT"
+
+
+class Databases:
+    """The engines one cache is bound to, found by engine or by pool, all held weakly.
+
+    An engine the application drops is collected, and its entry goes with it; listeners on it die
+    with it. `dispose()` gives an engine a new pool: the entry follows it, so the engine stays
+    cached. Lookups by pool (every ORM execute) cost one dict lookup.
+    """
+
+    def __init__(self) -> None:
+        self._by_engine: weakref.WeakKeyDictionary[Engine, Database] = weakref.WeakKeyDictionary()
+        self._by_pool: dict[int, tuple[weakref.ReferenceType[Pool], Database]] = {}
+
+    def add(self, database: Database, listeners: list[tuple[str, Callable[..., Any]]]) -> None:
+        """Record a bound engine and the listeners installed on it for this cache."""
+        engine = database.engine
+        self._by_engine[engine] = database
+        self._index_pool(engine.pool, database)
+        event.listen(engine, "engine_disposed", self._on_disposed)
+        database.listeners = [*listeners, ("engine_disposed", self._on_disposed)]
+
+    def for_bind(self, bind: Any) -> Database | None:
+        """The database of an Engine or Connection, if it is bound to this cache."""
+        engine = bind if isinstance(bind, Engine) else getattr(bind, "engine", None)
+        return None if engine is None else self.for_pool(engine.pool)
+
+    def identities(self) -> list[str]:
+        return sorted({db.identity for db in self})
+
+    def for_pool(self, pool: Pool) -> Database | None:
+        found = self._by_pool.get(id(pool))
+        if found is None or found[0]() is not pool:
+            return None
+        return found[1]
+
+    def __contains__(self, engine: Engine) -> bool:
+        return engine in self._by_engine
+
+    def __iter__(self) -> Iterator[Database]:
+        return iter(list(self._by_engine.values()))
+
+    def remove(self, engine: Engine) -> None:
+        """Unbind one engine: its listeners removed, its entries gone."""
+        database = self._by_engine.pop(engine, None)
+        if database is None:
+            return
+        for name, fn in database.listeners:
+            if event.contains(engine, name, fn):
+                event.remove(engine, name, fn)
+        database.listeners = []
+        database.plans.clear()
+        for key in [k for k, (_, db) in self._by_pool.items() if db is database]:
+            self._by_pool.pop(key, None)
+
+    def clear(self) -> None:
+        for engine in list(self._by_engine.keys()):
+            self.remove(engine)
+        self._by_pool.clear()
+
+    def _index_pool(self, pool: Pool, database: Database) -> None:
+        key = id(pool)
+
+        def forget(_: object) -> None:
+            found = self._by_pool.get(key)
+            if found is not None and found[0]() is None:
+                del self._by_pool[key]
+
+        self._by_pool[key] = (weakref.ref(pool, forget), database)
+
+    def _on_disposed(self, engine: Engine) -> None:
+        database = self._by_engine.get(engine)
+        if database is None:
+            return
+        for key in [k for k, (_, db) in self._by_pool.items() if db is database]:
+            self._by_pool.pop(key, None)
+        self._index_pool(engine.pool, database)
 
 
 def _sqlite_reads_outside_transactions(connection: Connection | None) -> bool:

@@ -264,6 +264,11 @@ class Invalidator:
             await self.store.bump_async(bump, new_token(), self.row_ttl_ms, self.lease_ttl_ms)
         except CacheUnavailable:
             self._keep(db, tables, list(releases), urgent)
+        except asyncio.CancelledError:
+            # Its event loop is ending (asyncio.run() returning, a worker shutting down): whether
+            # it landed is unknown, so it is kept, for whichever loop uses the cache next.
+            self._keep(db, tables, list(releases), True)
+            raise
 
     def _keep(self, db: str, tables: set[str], releases: list[str], urgent: bool) -> None:
         if urgent or tables:

@@ -95,19 +95,24 @@ class CacheManager:
     # -- binding --------------------------------------------------------------------------------
 
     async def bind(self, engine: AsyncEngine | Engine, database_id: str | None = None) -> None:
-        """Cache the ORM sessions of `engine`. May be called for several engines."""
-        identity = self._hook_engine(engine, database_id)
-        if identity is not None:
-            await greenlet_spawn(self._register_database, identity)
+        """Cache the ORM sessions of `engine`. May be called for several engines.
+
+        Raises `ConfigError` if Redis answers that the configuration is wrong (a bad password, a
+        database number out of range, an ACL denial); an unreachable Redis is an outage, not an
+        error: the cache starts closed and the database serves meanwhile.
+        """
+        sync_engine = self._hook_engine(engine, database_id)
+        if sync_engine is not None:
+            await greenlet_spawn(self._register_database, sync_engine)
 
     def bind_sync(self, engine: Engine | AsyncEngine, database_id: str | None = None) -> None:
         """`bind()` for a sync `Engine` and `Session`; same configuration and guarantees."""
-        identity = self._hook_engine(engine, database_id)
-        if identity is not None:
-            self._register_database(identity)
+        sync_engine = self._hook_engine(engine, database_id)
+        if sync_engine is not None:
+            self._register_database(sync_engine)
 
-    def _hook_engine(self, engine: AsyncEngine | Engine, database_id: str | None) -> str | None:
-        """Install the listeners for `engine`; return its identity, or None if already bound."""
+    def _hook_engine(self, engine: AsyncEngine | Engine, database_id: str | None) -> Engine | None:
+        """Install the listeners for `engine`; return its sync engine, or None if bound already."""
         sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
         if not isinstance(sync_engine, Engine):
             raise ConfigError(f"bind() takes an AsyncEngine or Engine, got {type(engine).__name__}")
@@ -116,12 +121,12 @@ class CacheManager:
         self.config.resolve_imports()
         bound = self._parts()
         databases = bound.runtime.databases
-        if sync_engine in databases:
-            return None
+        if sync_engine in databases or databases.for_pool(sync_engine.pool):
+            return None  # bound already (or an engine sharing its pool, from execution_options)
         identity = database_id or database_identity(sync_engine)
-        databases.add(Database(sync_engine, identity, self.config.volatile_functions))
-        bound.tracker.listen_engine(sync_engine)
-        return identity
+        database = Database(sync_engine, identity, self.config.volatile_functions)
+        databases.add(database, bound.tracker.listen_engine(sync_engine))
+        return sync_engine
 
     def _parts(self) -> Bound:
         if self._bound is None:
@@ -130,16 +135,24 @@ class CacheManager:
             )
         return self._bound
 
-    def _register_database(self, identity: str) -> None:
+    def _register_database(self, engine: Engine) -> None:
         """Record the database identity in the backend (for the command line) and open a few
         connections. Redis may be down: failures only feed the circuit breaker, which logs once
-        per outage."""
+        per outage. A refusal that names a wrong setting unbinds the engine and raises."""
         bound = self._parts()
-        store = bound.runtime.store
-        with contextlib.suppress(CacheUnavailable):
+        databases, store = bound.runtime.databases, bound.runtime.store
+        database = databases.for_pool(engine.pool)
+        assert database is not None
+        try:
             store.warm_up()
             bound.recovery.check_server(store.server_id())
-            store.add_member(self.namespace.databases_key, identity)
+            store.add_member(self.namespace.databases_key, database.identity)
+        except CacheUnavailable as exc:
+            cause = exc.__cause__
+            problem = None if cause is None else self.breaker.misconfiguration(cause)
+            if problem is not None:
+                databases.remove(engine)  # not bound: the caller must fix the configuration
+                raise ConfigError(problem) from cause
 
     async def disconnect(self) -> None:
         """Remove every listener and close the backend; sessions keep working, uncached."""
@@ -295,6 +308,7 @@ class CacheManager:
         bound = self._bound
         return self.counters.report(
             backend=self.config.backend,
+            config_error=self.breaker.config_error,
             prefix=self.config.prefix,
             breaker=self.breaker,
             pending=bound.invalidator.pending if bound is not None else 0,

@@ -13,6 +13,7 @@ calls miss their timeout while others succeed, and that must not switch the cach
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -47,6 +48,11 @@ class Breaker:
         self._next_inline_probe = 0.0
         #: set by the owner: checks the backend and redelivers queued invalidations, or raises
         self.recover: Callable[[], None] | None = None
+        #: set by the owner: the wrong setting named by a failure that says the configuration is
+        #: wrong (a bad password, a missing database, an ACL denial), else None
+        self.misconfiguration: Callable[[BaseException], str | None] = _no_misconfiguration
+        #: the wrong setting the backend's last refusal named; None once it answers again
+        self.config_error: str | None = None
 
     @property
     def state(self) -> str:
@@ -59,13 +65,32 @@ class Breaker:
     def failure(self, exc: BaseException, started: float) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"
         self.stats.transport_errors += 1
+        if self.misconfigured(exc):
+            return
         if self.last_success > started:
             return  # the backend answered someone meanwhile: local trouble, not an outage
         self.failures += 1
         if self.failures >= self.threshold:
             self.trip(self.last_error)
 
-    def trip(self, reason: str, *, retry_now: bool = False) -> None:
+    def misconfigured(self, exc: BaseException) -> bool:
+        """Whether `exc` says the configuration is wrong; if so the breaker opens at once (this
+        never passes by itself) and the mistake is logged as an ERROR, once, naming the setting.
+        The probe goes on, so a corrected server (an ACL fixed, a password set) is used again."""
+        problem = self.misconfiguration(exc)
+        if problem is None:
+            return False
+        if problem != self.config_error:
+            logger.error(
+                "sqlacache: the cache backend refuses this configuration: %s; serving from the "
+                "database",
+                problem,
+            )
+        self.config_error = problem
+        self.trip(problem, quiet=True)
+        return True
+
+    def trip(self, reason: str, *, retry_now: bool = False, quiet: bool = False) -> None:
         """Open now (an undelivered invalidation must be redelivered before any cache read).
 
         `retry_now`: probe at once rather than after `probe_interval`. An invalidation lost to a
@@ -75,9 +100,10 @@ class Breaker:
         if not self.is_open:
             self.is_open = True
             self.opened_at = time.monotonic()
-            logger.warning(
-                "sqlacache: cache backend unavailable (%s); serving from the database", reason
-            )
+            if not quiet:
+                logger.warning(
+                    "sqlacache: cache backend unavailable (%s); serving from the database", reason
+                )
         self._start_probe(0.0 if retry_now else self.probe_interval)
 
     def close(self) -> None:
@@ -87,12 +113,17 @@ class Breaker:
         self.is_open = False
         self.failures = 0
         self.opened_at = None
+        self.config_error = None
 
     def allow(self) -> bool:
         """Whether a call may go to the backend; may run an inline probe when no loop probes."""
         if not self.is_open:
             return True
-        if self._probe_task is not None and not self._probe_task.done():
+        if self._probing():
+            return False
+        if _running_loop() is not None:
+            # the probe's loop ended (or never ran it): probe again from this one
+            self._start_probe(0.0)
             return False
         now = time.monotonic()
         if now < self._next_inline_probe or self.recover is None:
@@ -100,19 +131,36 @@ class Breaker:
         self._next_inline_probe = now + self.probe_interval
         try:
             self.recover()
-        except Exception:
+        except Exception as exc:
+            self.misconfigured(exc)
             return False
         self.close()
         return True
 
+    def _probing(self) -> bool:
+        """Whether a probe task is pending on a loop that runs it.
+
+        A task belongs to its event loop: one left on a loop that closed or stopped (a second
+        `asyncio.run()`, a loop per test) will never run again and must not keep the breaker open.
+        """
+        task = self._probe_task
+        if task is None or task.done():
+            return False
+        loop = task.get_loop()
+        if loop.is_closed() or not loop.is_running():
+            self._probe_task = None
+            return False
+        return True
+
     def _start_probe(self, first_delay: float) -> None:
-        if self._probe_task is not None and not self._probe_task.done():
+        if self._probing():
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
+        loop = _running_loop()
+        if loop is None:
             self._next_inline_probe = time.monotonic() + first_delay
             return  # no loop: `allow()` probes inline
+        if _being_cancelled():
+            return  # its loop may be shutting down: the next `allow()` starts the probe
         self._probe_task = loop.create_task(self._probe_loop(first_delay))
 
     async def _probe_loop(self, first_delay: float) -> None:
@@ -126,16 +174,43 @@ class Breaker:
                     await greenlet_spawn(self.recover)
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
+                self.misconfigured(exc)
                 interval = min(interval * 2, self.MAX_PROBE_INTERVAL)
                 delay = interval
                 continue
             self.close()
 
     def stop(self) -> None:
-        if self._probe_task is not None and not self._probe_task.done():
-            self._probe_task.cancel()
-        self._probe_task = None
+        task, self._probe_task = self._probe_task, None
+        if task is None or task.done():
+            return
+        loop = task.get_loop()
+        if loop.is_closed():
+            return  # it can never run again
+        if loop is _running_loop():
+            task.cancel()
+        else:  # another thread's loop: only that loop may touch its tasks
+            with contextlib.suppress(RuntimeError):  # closed meanwhile
+                loop.call_soon_threadsafe(task.cancel)
+
+
+def _no_misconfiguration(exc: BaseException) -> str | None:
+    return None
+
+
+def _being_cancelled() -> bool:
+    """Whether the running task is handling its cancellation (Python 3.11+ can tell)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling()) if cancelling is not None else False
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 class GuardedStore:

@@ -10,11 +10,8 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy.engine import Engine
-from sqlalchemy.pool import Pool
-
 from .config import CacheConfig
-from .database import Database
+from .database import Databases
 from .keys import Namespace
 from .resilience import GuardedStore
 from .serialize import Serializer
@@ -23,7 +20,8 @@ from .stats import Stats
 
 class Background:
     """Tasks the cache runs on its own (fills, deliveries), awaited by `flush_pending()` and
-    `disconnect()`."""
+    `disconnect()`. A task belongs to its event loop: only the running loop's are awaited
+    (another thread's loop cannot be awaited from this one, and a closed loop's never finish)."""
 
     def __init__(self) -> None:
         self.tasks: set[asyncio.Task[None]] = set()
@@ -34,45 +32,23 @@ class Background:
         task.add_done_callback(self.tasks.discard)
         return task
 
+    def here(self) -> list[asyncio.Task[None]]:
+        loop = asyncio.get_running_loop()
+        tasks = list(self.tasks)  # one C-level copy: other loops' threads add and discard
+        for task in tasks:
+            if task.get_loop().is_closed():
+                self.tasks.discard(task)
+        return [task for task in tasks if task.get_loop() is loop]
+
     async def drain(self) -> None:
-        if self.tasks:
-            await asyncio.gather(*list(self.tasks), return_exceptions=True)
+        tasks = self.here()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def wait(self, timeout: float) -> None:
-        if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=timeout)
-
-
-class Databases:
-    """The bound engines, by connection pool (an option engine shares its engine's pool)."""
-
-    def __init__(self) -> None:
-        self._by_pool: dict[Pool, Database] = {}
-
-    def __contains__(self, engine: Engine) -> bool:
-        return engine.pool in self._by_pool
-
-    def add(self, database: Database) -> None:
-        self._by_pool[database.engine.pool] = database
-
-    def for_engine(self, engine: Engine) -> Database | None:
-        return self._by_pool.get(engine.pool)
-
-    def for_bind(self, bind: Any) -> Database | None:
-        """The database of an Engine or Connection, if it is bound to this cache."""
-        engine = bind if isinstance(bind, Engine) else getattr(bind, "engine", None)
-        return None if engine is None else self._by_pool.get(engine.pool)
-
-    def all(self) -> list[Database]:
-        return list(self._by_pool.values())
-
-    def identities(self) -> list[str]:
-        return sorted({db.identity for db in self._by_pool.values()})
-
-    def clear(self) -> None:
-        for database in self._by_pool.values():
-            database.plans.clear()
-        self._by_pool.clear()
+        tasks = self.here()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
 
 
 @dataclass

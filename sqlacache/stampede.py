@@ -46,7 +46,7 @@ class Flights:
 
     def __init__(self, wait_timeout: float) -> None:
         self.wait_timeout = wait_timeout
-        self._flights: dict[tuple[FlightKey, bool], Any] = {}
+        self._flights: dict[tuple[FlightKey, asyncio.AbstractEventLoop | None], Any] = {}
         self._recent: OrderedDict[FlightKey, tuple[Any, float]] = OrderedDict()
 
     def lead_or_join(self, key: FlightKey) -> tuple[Any, bool]:
@@ -57,8 +57,10 @@ class Flights:
             done = _ThreadFlight()
             done.set_result(recent[0])
             return done, False
-        mine: Any = asyncio.get_running_loop().create_future() if is_async else _ThreadFlight()
-        flight = self._flights.setdefault((key, is_async), mine)
+        # an asyncio follower can only wait on a future of its own event loop
+        loop = asyncio.get_running_loop() if is_async else None
+        mine: Any = loop.create_future() if loop is not None else _ThreadFlight()
+        flight = self._flights.setdefault((key, loop), mine)
         return flight, flight is mine
 
     def wait(self, flight: Any) -> Any:
@@ -71,7 +73,9 @@ class Flights:
             return None
 
     def finish(self, key: FlightKey, flight: Any, snapshot: Any) -> None:
-        self._flights.pop((key, not isinstance(flight, _ThreadFlight)), None)
+        self._flights.pop(
+            (key, None if isinstance(flight, _ThreadFlight) else flight.get_loop()), None
+        )
         if not flight.done():
             flight.set_result(snapshot)
         if snapshot is not None:

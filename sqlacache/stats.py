@@ -179,7 +179,14 @@ class Stats:
         }
 
     def report(
-        self, *, backend: Any, prefix: str, breaker: Any, pending: int, databases: list[str]
+        self,
+        *,
+        backend: Any,
+        config_error: str | None,
+        prefix: str,
+        breaker: Any,
+        pending: int,
+        databases: list[str],
     ) -> dict[str, Any]:
         """What `cache.stats()` returns: the counters, the backend, the breaker, the queue."""
         data = self.as_dict()
@@ -191,6 +198,8 @@ class Stats:
                 if backend.is_memory
                 else "shared by every process using this Redis and prefix"
             ),
+            # what the backend's refusal says is wrong in the configuration (None if nothing)
+            "config_error": config_error,
         }
         data["prefix"] = prefix
         data["circuit_breaker"] = {

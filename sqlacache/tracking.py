@@ -129,12 +129,14 @@ class WriteTracker:
         self.invalidator = invalidator
         self.db_for = db_for
         self.key = key  # in session.info and connection.info: per cache, several may share one
-        self._engine_listeners: list[tuple[Any, str, Callable[..., Any]]] = []
         self._global_listeners: list[tuple[Any, str, Callable[..., Any]]] = []
 
     # -- wiring ---------------------------------------------------------------------------------
 
-    def listen_engine(self, engine: Engine) -> None:
+    def listen_engine(self, engine: Engine) -> list[tuple[str, Callable[..., Any]]]:
+        """Listen to `engine`'s events; return the listeners, which the caller removes when it
+        unbinds the engine (kept here, they would keep the engine alive with the cache)."""
+        listeners: list[tuple[str, Callable[..., Any]]] = []
         for name, fn in (
             ("after_execute", self._after_execute),
             ("begin", self._on_begin),
@@ -146,7 +148,8 @@ class WriteTracker:
             ("checkin", self._on_checkin),
         ):
             event.listen(engine, name, fn)
-            self._engine_listeners.append((engine, name, fn))
+            listeners.append((name, fn))
+        return listeners
 
     def listen_globally(self) -> None:
         for target, name, fn in (
@@ -163,10 +166,9 @@ class WriteTracker:
             self._global_listeners.append((target, name, fn))
 
     def unlisten(self) -> None:
-        for target, name, fn in (*self._engine_listeners, *self._global_listeners):
+        for target, name, fn in self._global_listeners:
             if event.contains(target, name, fn):
                 event.remove(target, name, fn)
-        self._engine_listeners.clear()
         self._global_listeners.clear()
 
     # -- records --------------------------------------------------------------------------------

@@ -92,3 +92,16 @@ class Seat(Base):
     row: Mapped[str] = mapped_column(String(2), primary_key=True)
     number: Mapped[int] = mapped_column(primary_key=True)
     holder: Mapped[str | None] = mapped_column(String(50), nullable=True)
+
+
+class Unhashable(Base):
+    """Compares by value and has no `__hash__`, as SQLModel's models do."""
+
+    __tablename__ = "unhashables"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    label: Mapped[str] = mapped_column(String(20))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Unhashable) and (self.id, self.label) == (other.id, other.label)
+
+    __hash__ = None  # type: ignore[assignment]

@@ -880,12 +880,6 @@ def test_which_tables_a_ddl_statement_writes() -> None:
     assert ddl_write_names(None, "DROP VIEW some_view", None) == everything
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs manager.py: databases are found by engine.pool, and Engine.dispose() replaces "
-    "the pool, so the engine's writes are no longer tracked (find the Database by the engine, "
-    "an option engine by its base engine, and re-key it under the new pool)",
-)
 async def test_a_disposed_engine_still_tracks_its_writes(make_cache, tmp_path: Path) -> None:
     """Noticed: after `engine.dispose()` (SQLAlchemy's advice after a fork) the engine's writes
     must still make other processes' entries stale. Two engines on one database stand for two

@@ -14,7 +14,7 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, event, func, se
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import Session, registry, with_loader_criteria
 
-from tests.models import Order, User
+from tests.models import Order, Unhashable, User
 
 current_name: contextvars.ContextVar[str] = contextvars.ContextVar("current_name")
 
@@ -163,3 +163,33 @@ async def test_an_internal_error_falls_back_to_the_database(cache, sessions, sql
         assert (await s.get(User, 1)).name == "alice"
         assert await s.scalar(select(func.count()).select_from(User)) == 2
     assert cache.stats()["internal_errors"] == {"IndexError": 2}
+
+
+async def test_statements_rendering_the_same_sql_never_share_an_entry(cache, sessions):
+    """Field finding: an entity, its columns and a Bundle of them render one SQL text."""
+    from sqlalchemy.orm import Bundle, load_only
+
+    await seed(sessions)
+    columns = select(User.id, User.name).where(User.id == 1)
+    bundle = select(Bundle("b", User.id, User.name)).where(User.id == 1)
+    entity = select(User).options(load_only(User.id, User.name)).where(User.id == 1)
+    for _ in range(2):  # a miss each, then a hit each
+        async with sessions() as s:
+            assert (await s.execute(columns)).all() == [(1, "alice")]
+            assert (await s.execute(bundle)).all() == [((1, "alice"),)]
+            user = (await s.execute(entity)).scalar_one()
+            assert isinstance(user, User) and user.name == "alice"
+
+
+async def test_unique_on_a_hit_dedupes_by_identity_like_the_orm(cache, sessions, sql):
+    """Field finding: a model without `__hash__` (SQLModel's) made `.unique()` raise on a hit."""
+    await seed(sessions)
+    stmt = select(Unhashable).order_by(Unhashable.id)
+    async with sessions() as s:
+        s.add_all([Unhashable(id=1, label="a"), Unhashable(id=2, label="a")])
+        await s.commit()
+    for _ in range(2):
+        async with sessions() as s:
+            rows = (await s.execute(stmt)).unique().scalars().all()
+            assert [r.id for r in rows] == [1, 2]
+    assert cache.stats()["models"]["tests.models.Unhashable"]["fetch"]["hits"] == 1

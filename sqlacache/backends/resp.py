@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import select
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 
@@ -94,17 +94,26 @@ HARD_DEADLINE_FACTOR = 20
 
 def _timeout_context() -> Any:
     """An open-ended `asyncio.timeout` (or async_timeout's before 3.11), rescheduled on expiry."""
+    return timeout_after(None)
+
+
+def timeout_after(seconds: float | None) -> Any:
+    """`asyncio.timeout(seconds)`, or async_timeout's before 3.11; raises asyncio.TimeoutError."""
     timeout = getattr(asyncio, "timeout", None)
     if timeout is not None:
-        return timeout(None)
+        return timeout(seconds)
     import async_timeout  # type: ignore[import-not-found]  # redis-py's dependency on 3.10
 
-    return async_timeout.timeout(None)
+    return async_timeout.timeout(seconds)
 
 
 def _reply_waiting(connection: Any) -> bool:
-    """Whether bytes from Redis are readable on this connection's socket (never consumed)."""
+    """Whether bytes from Redis wait for this connection's reader (never consumed): readable on
+    its socket, or already read off it by the event loop into the stream's buffer, the reader
+    not yet resumed (the loop is busy)."""
     try:
+        if connection._reader._buffer:
+            return True
         sock = connection._writer.transport.get_extra_info("socket")
         readable, _, _ = select.select([sock], [], [], 0)
     except Exception:
@@ -114,3 +123,36 @@ def _reply_waiting(connection: Any) -> bool:
 
 def glob_escape(text: str) -> str:
     return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
+
+
+def redis_timeout(message: str) -> Exception:
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    return RedisTimeoutError(message)
+
+
+def bounded_handshake(seconds: float) -> Callable[[Any], Awaitable[None]]:
+    """redis-py's connection handshake (AUTH, HELLO, SELECT, CLIENT SETNAME) under one deadline.
+
+    Installed as the connections' `redis_connect_func`. A Redis that accepts connections and never
+    answers would otherwise hold a connection without a socket timeout (a lean one) forever. Like
+    a command's, the deadline is one of Redis's silence (see `Deadline`): a burst that keeps the
+    event loop busy while replies wait in the sockets must not fail its new connections. A
+    handshake cut short, by its deadline or by a cancelled caller, closes its connection: one that
+    never ran its AUTH or SELECT must not be handed out again (it would talk to database 0).
+    """
+
+    async def handshake(connection: Any) -> None:
+        try:
+            async with Deadline(seconds, connection):
+                await connection.on_connect()
+        except BaseException as exc:
+            await connection.disconnect(nowait=True)
+            if isinstance(exc, asyncio.TimeoutError):
+                raise redis_timeout(
+                    f"Redis accepted the connection but did not answer its handshake within "
+                    f"{seconds}s"
+                ) from None
+            raise
+
+    return handshake
