@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test unit integration lint typecheck bench clean services-check
+.PHONY: venv demo test unit integration lint typecheck bench field clean services-check
 
 venv: $(STAMP)
 
@@ -36,6 +36,11 @@ typecheck: venv
 
 bench: venv
 	$(BIN)/python bench/run.py
+
+# Real projects' own test suites without and with the cache (field/README.md); not part of `test`.
+# FIELD_PG=postgresql://... adds PostgreSQL rows, FIELD_SRC="fastcrud=PATH" adds fastcrud.
+field:
+	$(PYTHON) field/run.py $(FIELD_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

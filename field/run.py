@@ -11,6 +11,7 @@ per project, the tests that pass without the cache and fail with it.
     python field/run.py --only sqlmodel      # one project (repeatable)
     python field/run.py --src sqlmodel=/path/to/checkout   # a local source tree instead of PyPI
     python field/run.py --pg postgresql://postgres@127.0.0.1:5432/field   # add PostgreSQL rows
+    python field/run.py --config '{"verify": 1.0}'   # extra configure() arguments, cached runs
 
 Only the standard library is used here; every project gets its own venv.
 """
@@ -43,13 +44,14 @@ class Project:
     """A project whose own test suite is run; `database` rows are run once per database."""
 
     name: str
-    sdist: str  # pip requirement of the sdist that carries the tests
+    sdist: str | None  # pip requirement of the sdist that carries the tests; None: --src only
     deps: list[str]  # test dependencies (the project's own are installed from its source)
     tests: list[str]  # pytest arguments (paths, -k, deselects), relative to the source root
-    databases: dict[str, dict[str, str]] = field(default_factory=dict)  # label -> env ("{pg}")
+    databases: dict[str, dict[str, str]] = field(default_factory=lambda: {"sqlite": {}})
     needs_pg: set[str] = field(default_factory=set)  # database labels that need --pg
     install_source: bool = True  # pip install the source tree itself (for its dependencies)
     timeout: int = 600  # seconds per pytest run
+    source_hint: str = ""  # where to get the source when there is no sdist with tests
 
 
 PROJECTS = [
@@ -88,6 +90,29 @@ PROJECTS = [
             "postgresql": {"DATABASE_URL": "{pg_psycopg}"},
         },
         needs_pg={"postgresql"},
+    ),
+    Project(
+        # its sdist carries no tests: give a checkout (or a bare git dir) with --src fastcrud=PATH
+        name="fastcrud",
+        sdist=None,
+        source_hint="a checkout of https://github.com/benavlabs/fastcrud",
+        deps=[
+            "pytest",
+            "aiosqlite",
+            "greenlet",
+            "httpx>=0.26,<0.27",
+            "pytest-asyncio>=1,<2",
+            "uvicorn",
+            "sqlmodel>=0.0.14,<0.0.15",
+            "testcontainers>=4.7.1,<5",
+            "asyncpg",
+            "psycopg[binary]",
+            "cryptography",
+            "filelock",
+        ],
+        # its PostgreSQL and MySQL variants need Docker (testcontainers) and skip themselves
+        tests=["tests"],
+        databases={"sqlite": {}},
     ),
     Project(
         name="sqlalchemy-utils",
@@ -139,18 +164,44 @@ def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
 
 def fetch_source(project: Project, local: dict[str, Path]) -> Path:
     """The project's source tree: a local path if given, else its sdist from PyPI, unpacked."""
-    if project.name in local:
-        return local[project.name]
     dest = WORK / "src" / project.name
+    if project.name in local:
+        path = local[project.name]
+        if not (path / "HEAD").is_file() or (path / ".git").exists():
+            return path
+        # a bare git directory: its HEAD is unpacked once under field/.work/src
+        if not (dest.is_dir() and any(dest.iterdir())):
+            dest.mkdir(parents=True, exist_ok=True)
+            tree = subprocess.run(
+                ["git", "--git-dir", str(path), "archive", "HEAD"], check=True, capture_output=True
+            )
+            subprocess.run(["tar", "-x", "-C", str(dest)], input=tree.stdout, check=True)
+        return dest
     if dest.is_dir() and any(dest.iterdir()):
         return dest
+    if project.sdist is None:
+        raise LookupError(
+            f"{project.name}: no sdist carries its tests; pass --src "
+            f"{project.name}=PATH ({project.source_hint})"
+        )
     downloads = WORK / "downloads" / project.name
     shutil.rmtree(downloads, ignore_errors=True)
     downloads.mkdir(parents=True)
     log(f"{project.name}: downloading the sdist {project.sdist}")
     run(
-        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:"]
-        + ["--dest", str(downloads), project.sdist]
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--dest",
+            str(downloads),
+            project.sdist,
+        ]
     )
     archives = list(downloads.glob("*.tar.gz"))
     if len(archives) != 1:
@@ -166,12 +217,18 @@ def fetch_source(project: Project, local: dict[str, Path]) -> Path:
     return dest
 
 
-def make_venv(project: Project, source: Path) -> Path:
+def make_venv(project: Project, source: Path, package: Path) -> Path:
     """A venv with the test dependencies, the project and this repository (editable)."""
     venv = WORK / "venvs" / project.name
     python = venv / "bin" / "python"
     wanted = json.dumps(
-        [project.deps, str(source), project.install_source, (REPO / "pyproject.toml").read_text()]
+        [
+            project.deps,
+            str(source),
+            project.install_source,
+            str(package),
+            (package / "pyproject.toml").read_text(),
+        ]
     )
     digest = hashlib.sha256(wanted.encode()).hexdigest()
     stamp = venv / ".field-installed"
@@ -181,7 +238,7 @@ def make_venv(project: Project, source: Path) -> Path:
     shutil.rmtree(venv, ignore_errors=True)
     run([sys.executable, "-m", "venv", str(venv)])
     pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    targets = [*project.deps, "-e", f"{REPO}[redis]"]
+    targets = [*project.deps, "-e", f"{package}[redis]"]
     if project.install_source:
         targets.append(str(source))
     run([*pip, *targets])
@@ -318,7 +375,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             ]
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    rendered = [" | ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    rendered = [" | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
     rendered.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(rendered)
 
@@ -326,11 +383,20 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", action="append", default=[], help="project name (repeatable)")
-    parser.add_argument("--src", action="append", default=[], help="NAME=PATH local source tree")
+    parser.add_argument(
+        "--src", action="append", default=os.environ.get("FIELD_SRC", "").split(),
+        help="NAME=PATH: a local source tree or bare git dir (env FIELD_SRC, space-separated)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--package", default=str(REPO),
+        help="the sqlacache source tree installed editable into every venv (default: this one)",
+    )  # fmt: skip
     parser.add_argument(
         "--backend", action="append", default=[], help="cached backends (default mem:// redis)"
     )
-    parser.add_argument("--redis", default=os.environ.get("FIELD_REDIS", "redis://127.0.0.1:6379/1"))
+    parser.add_argument(
+        "--redis", default=os.environ.get("FIELD_REDIS", "redis://127.0.0.1:6379/1")
+    )
     parser.add_argument("--pg", default=os.environ.get("FIELD_PG", ""), help="postgresql://... URL")
     parser.add_argument(
         "--config", default=os.environ.get("SQLACACHE_FIELD_CONFIG", ""),
@@ -348,13 +414,19 @@ def main(argv: list[str] | None = None) -> int:
     projects = [p for p in PROJECTS if not args.only or p.name in args.only]
     unknown = set(args.only) - {p.name for p in PROJECTS}
     if unknown:
-        raise SystemExit(f"unknown project(s) {sorted(unknown)}; known: {[p.name for p in PROJECTS]}")
+        raise SystemExit(
+            f"unknown project(s) {sorted(unknown)}; known: {[p.name for p in PROJECTS]}"
+        )
 
     started = time.monotonic()
     rows: list[dict[str, Any]] = []
     for project in projects:
-        source = fetch_source(project, local)
-        python = make_venv(project, source)
+        try:
+            source = fetch_source(project, local)
+        except LookupError as exc:
+            log(f"skipped: {exc}")
+            continue
+        python = make_venv(project, source, Path(args.package).resolve())
         for database, env_template in project.databases.items():
             if database in project.needs_pg and not args.pg:
                 log(f"{project.name}/{database}: skipped (no --pg / FIELD_PG given)")
@@ -398,7 +470,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cache, fail with it ({row['report']['log']}):")
             for nodeid in row["new_failures"]:
                 hits = row["report"].get("failing_tests_cache", {}).get(nodeid, {})
-                print(f"  {nodeid}  (hits {hits.get('hits', '?')}, misses {hits.get('misses', '?')})")
+                print(
+                    f"  {nodeid}  (hits {hits.get('hits', '?')}, misses {hits.get('misses', '?')})"
+                )
         rep = row["report"]
         for message, count in rep.get("bind_errors", {}).items():
             print(f"{row['project']} / {row['backend']}: bind error x{count}: {message}")

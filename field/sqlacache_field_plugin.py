@@ -109,11 +109,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         for key in ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
     }
     failing = sorted(
-        {
-            getattr(r, "nodeid", "?")
-            for key in ("failed", "error")
-            for r in stats.get(key, [])
-        }
+        {getattr(r, "nodeid", "?") for key in ("failed", "error") for r in stats.get(key, [])}
     )
     report: dict[str, Any] = {
         "outcomes": outcomes,
