@@ -52,6 +52,7 @@ class Project:
     install_source: bool = True  # pip install the source tree itself (for its dependencies)
     timeout: int = 600  # seconds per pytest run
     source_hint: str = ""  # where to get the source when there is no sdist with tests
+    mkdirs: list[str] = field(default_factory=list)  # directories its suite expects to exist
 
 
 PROJECTS = [
@@ -83,8 +84,8 @@ PROJECTS = [
             "coverage",
             "psycopg[binary]",
         ],
-        # the docs-source tests import `docs_src` from the source root
         tests=["tests"],
+        mkdirs=["coverage"],  # its docs tests copy coverage data there
         databases={
             "sqlite": {},
             "postgresql": {"DATABASE_URL": "{pg_psycopg}"},
@@ -313,6 +314,8 @@ def run_suite(
     # search to the project, so this repository's own pytest configuration never applies
     cmd += ["--rootdir", str(source), "-c", str(ini_file(source)), "--confcutdir", str(source)]
     cmd += ["-q", "-rfE", "--tb=short", "-o", "addopts=", *project.tests]
+    for name in project.mkdirs:
+        (source / name).mkdir(exist_ok=True)
     started = time.monotonic()
     with open(logs / f"{stem}.log", "w", encoding="utf-8") as out:
         try:
