@@ -25,6 +25,7 @@ import logging
 import os
 import time
 import traceback
+import weakref
 from collections import Counter
 from typing import Any
 
@@ -34,6 +35,7 @@ from sqlalchemy.engine import Connection, Engine
 
 _cache: Any = None
 _bound = 0
+_pools: weakref.WeakSet[Any] = weakref.WeakSet()  # pools already bound (the cache keys on them)
 _bind_errors: Counter[str] = Counter()
 _messages: Counter[str] = Counter()
 _hits_by_test: dict[str, dict[str, int]] = {}
@@ -57,8 +59,9 @@ def _bind(connection: Connection) -> None:
     if _cache is None:
         return
     engine = connection.engine
-    if _cache.database_for_pool(engine.pool) is not None:
+    if engine.pool in _pools:
         return
+    _pools.add(engine.pool)
     try:
         _cache.bind_sync(engine)
         _bound += 1
