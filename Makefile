@@ -9,7 +9,7 @@ BASE := $(BIN)/python
 DEMO_STAMP := $(VENV)/.installed-demo
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test unit integration lint typecheck bench wheel-check clean
+.PHONY: venv demo test unit integration lint typecheck bench bench-local wheel-check field clean
 
 venv: $(STAMP)
 
@@ -51,6 +51,11 @@ bench: venv
 # imports, the extras' error messages and the demo must work from the wheel alone.
 wheel-check: venv
 	PYTHON=$(PYTHON) .ci/wheel-check
+
+# Real projects' own test suites without and with the cache (field/README.md); not part of `test`.
+# FIELD_PG=postgresql://... adds PostgreSQL rows, FIELD_SRC="fastcrud=PATH" adds fastcrud.
+field:
+	$(PYTHON) field/run.py $(FIELD_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
