@@ -49,11 +49,19 @@ def configure(
     lock_timeout: float = 5.0,
     max_rows: int = 10_000,
     max_bytes: int = 4 * 1024 * 1024,
+    local: bool | Mapping[str, int] | None = None,
+    local_heartbeat: float = 0.5,
+    cashews: Any = None,
 ) -> CacheManager:
     """Validate the configuration and return an unbound `CacheManager` (it connects to nothing).
 
     Raises `ConfigError` naming the culprit. Dotted class paths and `module.*` patterns are
     imported and checked at `bind()`.
+
+    `local=True` (or `{"size": ..., "max_bytes": ...}`) keeps recent entries decoded in this
+    process, kept exact over Redis pub/sub (see `sqlacache.local_tier`); `local_heartbeat` bounds
+    how long a silent pub/sub connection can go unnoticed. `cashews=cache` makes the tags
+    `{table}:{pk}` and `{table}` of the application's cashews cache follow every commit.
     """
     config = build_config(
         backend=backend,
@@ -72,5 +80,8 @@ def configure(
         lock_timeout=lock_timeout,
         max_rows=max_rows,
         max_bytes=max_bytes,
+        local=local,
+        local_heartbeat=local_heartbeat,
+        cashews=cashews,
     )
     return CacheManager(config, on_hit=on_hit, on_miss=on_miss, on_invalidate=on_invalidate)

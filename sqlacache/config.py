@@ -20,7 +20,7 @@ from sqlalchemy.orm import Mapper
 from .errors import ConfigError
 
 OPS = ("get", "fetch", "count", "exists")
-MODEL_OPTIONS = ("ops", "timeout", "lock")
+MODEL_OPTIONS = ("ops", "timeout", "lock", "local")
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]+")
 
 #: Upstream's serializer names that select our safe, non-executable format.
@@ -117,6 +117,7 @@ class ModelPolicy:
     ops: frozenset[str]
     timeout: int
     lock: bool = False
+    local: bool = True  # [local tier] may be served from the in-process tier
 
     def allows(self, op: str) -> bool:
         return self.enabled and op in self.ops
@@ -146,6 +147,11 @@ class CacheConfig:
     max_rows: int = 10_000
     max_bytes: int = 4 * 1024 * 1024
     max_pending_tables: int = 1_000
+    #: [local tier] None (off) or {"size": entries, "max_bytes": bytes}; see local_tier.py
+    local: Mapping[str, int] | None = None
+    local_heartbeat: float = 0.5
+    #: [cashews bridge] the application's `cashews.Cache`, whose tags follow every commit
+    cashews: Any = None
     _resolved: dict[Mapper[Any], ModelPolicy] = field(default_factory=dict, repr=False)
     _class_entries: dict[type, Mapping[str, Any] | None] = field(default_factory=dict, repr=False)
     _module_entries: dict[str, Mapping[str, Any] | None] = field(default_factory=dict, repr=False)
@@ -219,6 +225,7 @@ class CacheConfig:
             ops=_normalise_ops(fields.get("ops", "all"), "ops"),
             timeout=int(fields.get("timeout", self.default_timeout)),
             lock=bool(fields.get("lock", False)),
+            local=bool(fields.get("local", True)),
         )
 
 
@@ -321,6 +328,8 @@ def _validate_model_entry(key: Any, entry: Any) -> None:
         check_timeout(entry["timeout"], f"{culprit}['timeout']")
     if "lock" in entry and not isinstance(entry["lock"], bool):
         raise ConfigError(f"{culprit}['lock'] must be True or False, got {entry['lock']!r}")
+    if "local" in entry and not isinstance(entry["local"], bool):
+        raise ConfigError(f"{culprit}['local'] must be True or False, got {entry['local']!r}")
 
 
 def _validate_model_key(key: Any) -> None:
@@ -404,6 +413,9 @@ def build_config(
     lock_timeout: float,
     max_rows: int,
     max_bytes: int,
+    local: bool | Mapping[str, int] | None = None,
+    local_heartbeat: float = 0.5,
+    cashews: Any = None,
 ) -> CacheConfig:
     """Validate every argument of `configure()` and return the `CacheConfig`."""
     backend_config = parse_backend(backend)
@@ -451,6 +463,9 @@ def build_config(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    local_config = _local_tier(local, backend_config)
+    _positive("local_heartbeat", local_heartbeat)
+    _check_cashews(cashews)
     return CacheConfig(
         backend=backend_config,
         models=dict(models),
@@ -468,7 +483,49 @@ def build_config(
         lock_timeout=float(lock_timeout),
         max_rows=max_rows,
         max_bytes=max_bytes,
+        local=local_config,
+        local_heartbeat=float(local_heartbeat),
+        cashews=cashews,
     )
+
+
+LOCAL_DEFAULTS = {"size": 10_000, "max_bytes": 64 << 20}
+
+
+def _local_tier(local: Any, backend: BackendConfig) -> Mapping[str, int] | None:
+    """`local=True` or `{"size": n, "max_bytes": b}`; refused where nothing could keep it exact."""
+    if local is None or local is False:
+        return None
+    if local is True:
+        settings = dict(LOCAL_DEFAULTS)
+    elif isinstance(local, Mapping):
+        unknown = [k for k in local if k not in LOCAL_DEFAULTS]
+        if unknown:
+            raise ConfigError(
+                f"{unknown[0]!r} is not a local tier option"
+                f"{_did_you_mean(str(unknown[0]), LOCAL_DEFAULTS)} (options: size, max_bytes)"
+            )
+        settings = {**LOCAL_DEFAULTS, **local}
+        for name, value in settings.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"local[{name!r}] must be a positive integer, got {value!r}")
+    else:
+        raise ConfigError(f"local must be True, False or a dict of size/max_bytes, got {local!r}")
+    if backend.is_memory:
+        raise ConfigError(
+            "local=... needs a shared backend (redis://): on mem:// every entry already lives in "
+            "this process, and there is no pub/sub to keep a second in-process copy exact"
+        )
+    return settings
+
+
+def _check_cashews(cashews: Any) -> None:
+    if cashews is None:
+        return
+    if not callable(getattr(cashews, "delete_tags", None)):
+        raise ConfigError(
+            f"cashews must be a cashews.Cache (e.g. `from cashews import cache`), got {cashews!r}"
+        )
 
 
 def _positive(name: str, value: Any) -> None:

@@ -17,7 +17,7 @@ import functools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +46,7 @@ from .stampede import Flights
 from .store import Fill
 
 if TYPE_CHECKING:
+    from .local_tier import LocalTier
     from .manager import CacheManager
 
 logger = logging.getLogger("sqlacache")
@@ -332,6 +333,7 @@ class Read:
         self.name = model_name
         self.policy = policy
         self.entry_key = path.ns.entry(identity)
+        self.local_mark: Any = None  # [local tier] the mirror's mark before the fetch
         self.single_entity = (
             bool(plan.shape and plan.shape.single_entity)
             and not state.load_options._only_return_tuples
@@ -348,6 +350,15 @@ class Read:
         version_keys = [*row_keys, *self.keyset.versions]
         lease_keys = [*row_leases, *self.keyset.leases]
         keys = [self.entry_key, *version_keys, *lease_keys, *self.keyset.row_guards]
+        # [local tier] a valid decoded entry in this process: no Redis round trip at all
+        tier = self.manager.local_tier if self.policy.local else None
+        if tier is not None:
+            snapshot = tier.lookup(self.entry_key, version_keys, self._decode)
+            if snapshot is not None:
+                result = self._hit(snapshot, shared=True)
+                if result is not None:
+                    return result
+            self.local_mark = tier.mark()  # before the fetch: see local_tier's docstring
         self.fetched_at = time.monotonic()  # before the stamp is read: see Fill.guard_rows
         try:
             found = self.manager.guard(self.manager.store.fetch, keys)
@@ -363,7 +374,14 @@ class Read:
         if entry is not None and None not in versions:
             stamp = b",".join(versions)  # type: ignore[arg-type]
             if entry.startswith(stamp) and entry[len(stamp) : len(stamp) + 1] == b"\n":
-                result = self._serve(entry[len(stamp) + 1 :])
+                payload = entry[len(stamp) + 1 :]
+                snapshot = self._decode(payload)
+                if snapshot is not None and tier is not None:  # [local tier] keep it decoded
+                    tier.remember(
+                        self.local_mark, self.entry_key, version_keys, versions,
+                        snapshot=snapshot, ttl=self.ttl, size=len(payload),
+                    )  # fmt: skip
+                result = None if snapshot is None else self._hit(snapshot, shared=tier is not None)
                 if result is not None:
                     return result
         self.stats.miss(self.plan.model, self.name, self.plan.op)
@@ -510,6 +528,12 @@ class Read:
         encode = functools.partial(
             encode_entry, self.manager, snapshot, stamp, fill, self.name, self.plan.op
         )
+        tier = self.manager.local_tier if self.policy.local else None
+        if tier is not None:  # [local tier] keep the fill's payload, decoded on first local use
+            encode = functools.partial(
+                _remember_fill, encode, tier, self.local_mark, fill, version_keys, versions,
+                self.ttl, len(stamp) + 1,
+            )  # fmt: skip
         if self.manager.store.shared and in_greenlet() and self._held_lock is None:
             # The reader has its result: serialising and writing overlap the work that follows.
             # (With a cross-process fill lock held, the entry must land before it is released.)
@@ -610,6 +634,27 @@ def encode_entry(
     if len(fill.value) > manager.config.max_bytes:
         stats.bypass(name, op, "too_large")
         return False
+    return True
+
+
+def _remember_fill(
+    encode: Callable[[], bool],
+    tier: LocalTier,
+    mark: Any,
+    fill: Fill,
+    version_keys: list[str],
+    versions: list[bytes | None],
+    ttl: int,
+    header: int,
+) -> bool:
+    """[local tier] `encode`, then keep the payload in the tier under the stamp read before the
+    query (entries whose stamp had a missing version wait for their first Redis hit)."""
+    if not encode():
+        return False
+    payload = fill.value[header:]
+    tier.remember(
+        mark, fill.entry_key, version_keys, versions, payload=payload, ttl=ttl, size=len(payload)
+    )
     return True
 
 

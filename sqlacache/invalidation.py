@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._greenlet import await_, in_greenlet
 from .config import CacheConfig
@@ -21,6 +21,10 @@ from .keys import WRITTEN_ROW_TTL_MS, Namespace, new_token
 from .resilience import Breaker, Guard
 from .stats import Stats
 from .store import Bump, Store
+
+if TYPE_CHECKING:
+    from .cashews_bridge import CashewsBridge
+    from .local_tier import LocalTier
 
 logger = logging.getLogger("sqlacache")
 
@@ -32,6 +36,8 @@ class WriteSet:
     tables: set[str] = field(default_factory=set)  # DML ran: multi-row entries are stale
     table_wide: set[str] = field(default_factory=set)  # rows unknown: `get` entries are stale too
     rows: dict[str, set[str]] = field(default_factory=dict)  # table -> primary-key texts
+    #: [cashews bridge] table -> primary keys as the values themselves (cashews tags use str())
+    raw_rows: dict[str, set[tuple[Any, ...]]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.tables or self.table_wide or self.rows)
@@ -44,6 +50,8 @@ class WriteSet:
         self.table_wide |= other.table_wide
         for table, pks in other.rows.items():
             self.rows.setdefault(table, set()).update(pks)
+        for table, raw in other.raw_rows.items():
+            self.raw_rows.setdefault(table, set()).update(raw)
 
     def minus(self, other: WriteSet) -> WriteSet:
         """What this set holds that `other` does not (for incremental flush-time bumps)."""
@@ -81,6 +89,10 @@ class Invalidator:
         self._pending_releases: list[str] = []
         #: runs a coroutine as a task the manager tracks (set when the store is asynchronous)
         self.spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Future[Any]] | None = None
+        #: [local tier] told of every bump this process sends, before the caller goes on
+        self.local: LocalTier | None = None
+        #: [cashews bridge] evicts the application's cashews tags after every commit
+        self.bridge: CashewsBridge | None = None
 
     @property
     def breaker(self) -> Breaker:
@@ -140,6 +152,10 @@ class Invalidator:
             self._spawn_delivery(db, bump, tables, bump.release, True, after)
             raise
         delivered = self._deliver(db, bump, tables, bump.release)
+        if self.bridge is not None:  # [cashews bridge]
+            from .cashews_bridge import tags_of
+
+            self.bridge.evict(tags_of(writes.all_tables(), writes.raw_rows))
         for table in sorted(writes.all_tables()):
             pks = (
                 sorted(writes.rows[table])
@@ -190,7 +206,7 @@ class Invalidator:
         """Move the namespace to a new epoch: every entry of this prefix stops validating."""
         bump = Bump(persistent=[self.ns.epoch_key])
         try:
-            self.guard(self.store.bump, bump, new_token(), self.row_ttl_ms, self.lease_ttl_ms)
+            self.send(bump)
         except CacheUnavailable:
             self._pending_epoch = True
             self.stats.undelivered_invalidations += 1
@@ -229,7 +245,7 @@ class Invalidator:
         if not bump:
             return True
         try:
-            self.guard(self.store.bump, bump, new_token(), self.row_ttl_ms, self.lease_ttl_ms)
+            self.send(bump)
             return True
         except CacheUnavailable:
             self._keep(db, tables, releases, urgent)
@@ -258,12 +274,36 @@ class Invalidator:
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
         store: Any = self.store
+        token = new_token()
+        mark = self.local.mark() if self.local is not None else None  # [local tier]
         try:
             await self.guard.run_async(
-                lambda: store.bump_async(bump, new_token(), self.row_ttl_ms, self.lease_ttl_ms)
+                lambda: store.bump_async(bump, token, self.row_ttl_ms, self.lease_ttl_ms)
             )
         except CacheUnavailable:
+            self._bumped(mark, None, bump)  # [local tier] outcome unknown
             self._keep(db, tables, list(releases), urgent)
+            return
+        except BaseException:
+            self._bumped(mark, None, bump)
+            raise
+        self._bumped(mark, token, bump)
+
+    def send(self, bump: Bump) -> None:
+        """One bump, now, under the breaker; this process's tier learns it before returning."""
+        token = new_token()
+        mark = self.local.mark() if self.local is not None else None  # [local tier]
+        try:
+            self.guard(self.store.bump, bump, token, self.row_ttl_ms, self.lease_ttl_ms)
+        except BaseException:
+            self._bumped(mark, None, bump)  # [local tier] it may or may not have landed
+            raise
+        self._bumped(mark, token, bump)
+
+    def _bumped(self, mark: Any, token: bytes | None, bump: Bump) -> None:
+        """[local tier] apply locally what this process bumped (before commit() returns)."""
+        if self.local is not None:
+            self.local.bumped(mark, token, [*bump.persistent, *bump.expiring])
 
     def _keep(self, db: str, tables: set[str], releases: list[str], urgent: bool) -> None:
         if urgent or tables:

@@ -23,12 +23,14 @@ from sqlalchemy.pool import Pool
 
 from ._greenlet import greenlet_spawn
 from .analysis import MAPPERS
+from .cashews_bridge import CashewsBridge
 from .config import CacheConfig, _import_class
 from .database import Database, database_identity
 from .errors import CacheUnavailable, ConfigError, TransportError
 from .hooks import FORCE_OPTION, ReadPath
 from .invalidation import Invalidator, WriteSet
 from .keys import Namespace, UnstableValue, new_token, pk_text
+from .local_tier import LocalTier, wire
 from .resilience import Breaker, Guard
 from .serialize import Serializer
 from .stats import HitHook, InvalidateHook, Stats
@@ -70,6 +72,10 @@ class CacheManager:
         self._global_listeners = False
         self._server_id: str | None = None
         self._background: set[asyncio.Task[None]] = set()
+        # [local tier / cashews bridge] created with the store by local_tier.wire
+        self.local_tier: LocalTier | None = None
+        self.bridge: CashewsBridge | None = None
+        self.tag_listener: LocalTier | None = None
 
     # -- hooks (assignable, as upstream's users do) ---------------------------------------------
 
@@ -109,6 +115,7 @@ class CacheManager:
             self.breaker.recover = self._recover
             if self._store.shared:
                 self._invalidator.spawn = self._spawn
+            wire(self)  # [local tier / cashews bridge]
         return self._store
 
     @property
@@ -211,6 +218,10 @@ class CacheManager:
         if self._tracker is not None:
             self._tracker.unlisten()
         self.breaker.stop()
+        for tier in (self.local_tier, self.tag_listener):  # [local tier]
+            if tier is not None:
+                tier.stop()
+        self.local_tier = self.tag_listener = None
         for database in self._databases.values():
             database.plans.clear()
         self._databases.clear()
@@ -372,6 +383,8 @@ class CacheManager:
         backend answers."""
         if self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
+        if self.bridge is not None:  # [cashews bridge]
+            await self.bridge.redeliver()
         if self._invalidator is not None and self._invalidator.pending:
             try:
                 await greenlet_spawn(self._recover)
@@ -415,6 +428,8 @@ class CacheManager:
                 bump, new_token(), invalidator.row_ttl_ms, invalidator.lease_ttl_ms
             )
         )
+        if self.local_tier is not None:  # [local tier] what was redelivered is unknown here
+            self.local_tier.mirror.drop_tokens()
         for database in list(self._databases.values()):  # the registry may have been lost
             store.add_member(self.namespace.databases_key, database.identity)
 
@@ -476,6 +491,10 @@ class CacheManager:
         }
         data["pending_invalidations"] = self._invalidator.pending if self._invalidator else 0
         data["databases"] = sorted(db.identity for db in self._databases.values())
+        if self.local_tier is not None:  # [local tier]
+            data["local"] = self.local_tier.stats()
+        if self.bridge is not None:  # [cashews bridge]
+            data["cashews"] = self.bridge.stats()
         return data
 
 

@@ -377,6 +377,10 @@ class RedisStore:
         self._sync: Any = None
         self._scripts = {id(self._client): self._register_scripts(self._client)}
         self.database = int(self._pool.connection_kwargs.get("db", 0) or 0)
+        # [local tier] the channel every bump publishes its new tokens on (set by the manager),
+        # and the length of the key prefix left out of each message
+        self.channel = ""
+        self.channel_strip = 0
 
     @staticmethod
     def _register_scripts(client: Any) -> dict[str, Any]:
@@ -501,13 +505,30 @@ class RedisStore:
     async def bump_async(
         self, bump: Bump, token: bytes, row_ttl_ms: int, lease_ttl_ms: int
     ) -> None:
-        await self._lean_script("bump", *_bump_arguments(bump, token, row_ttl_ms, lease_ttl_ms))
+        await self._lean_script(
+            "bump", *self._bump_arguments(bump, token, row_ttl_ms, lease_ttl_ms)
+        )
+
+    def _bump_arguments(
+        self, bump: Bump, token: bytes, row_ttl_ms: int, lease_ttl_ms: int
+    ) -> tuple[list[str], list[bytes | int | str]]:
+        keys, args = _bump_arguments(bump, token, row_ttl_ms, lease_ttl_ms)
+        return keys, [*args, self.channel, self.channel_strip]
 
     def _bump_with(
         self, client: Any, bump: Bump, token: bytes, row_ttl_ms: int, lease_ttl_ms: int
     ) -> Any:
-        keys, args = _bump_arguments(bump, token, row_ttl_ms, lease_ttl_ms)
+        keys, args = self._bump_arguments(bump, token, row_ttl_ms, lease_ttl_ms)
         return self._scripts[id(client)]["bump"](keys=keys, args=args, client=client)
+
+    def publish(self, channel: str, message: bytes) -> None:
+        """One PUBLISH (the cashews bridge tells other processes which tags to delete)."""
+        self._call(lambda c: c.publish(channel, message))
+
+    @property
+    def connection_options(self) -> dict[str, Any]:
+        """The redis-py options this store connects with (the local tier's subscriber reuses them)."""
+        return dict(self._options)
 
     def delete(self, key: str) -> None:
         self._call(lambda c: c.unlink(key))
