@@ -211,12 +211,12 @@ class CashewsBridge:
             logger.warning("sqlacache: could not clear the cashews cache: %s", exc)
 
     def _run_here(self, make: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """From the subscriber thread: on the application's loop if it runs, else right here."""
+        """From the subscriber thread: handed to the application's loop if it runs (never
+        waited for: the thread must keep its heartbeat), else run right here (in-process
+        cashews backends answer at once)."""
         loop = self.loop
         if loop is not None and loop.is_running() and not loop.is_closed():
-            future = asyncio.run_coroutine_threadsafe(make(), loop)
-            with contextlib.suppress(Exception):
-                future.result(max(self.timeout * 10, 1.0))
+            asyncio.run_coroutine_threadsafe(make(), loop)
             return
         with contextlib.suppress(Exception):
             asyncio.run(make())

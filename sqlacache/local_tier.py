@@ -47,6 +47,7 @@ mirror *fresh*: complete up to at most `heartbeat` seconds ago.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os

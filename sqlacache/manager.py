@@ -267,17 +267,19 @@ class CacheManager:
         (the invalidation stays queued and is delivered when it answers). `unknown_tables=True`
         accepts a table name no imported model maps (the command line uses it).
         """
+        pks = None if pks is None else list(pks)
         tables, rows = self._invalidation_targets(target, pks, unknown_tables)
         if tables:
-            await greenlet_spawn(self._deliver_invalidation, tables, rows)
+            await greenlet_spawn(self._deliver_invalidation, tables, rows, _raw(pks))
 
     def invalidate_sync(
         self, target: Any, pks: Iterable[Any] | None = None, *, unknown_tables: bool = False
     ) -> None:
         """`invalidate()` from synchronous code."""
+        pks = None if pks is None else list(pks)
         tables, rows = self._invalidation_targets(target, pks, unknown_tables)
         if tables:
-            self._deliver_invalidation(tables, rows)
+            self._deliver_invalidation(tables, rows, _raw(pks))
 
     def _invalidation_targets(
         self, target: Any, pks: Iterable[Any] | None, unknown_tables: bool
@@ -301,7 +303,12 @@ class CacheManager:
                 return [], None
         return tables, rows
 
-    def _deliver_invalidation(self, tables: list[Table | str], rows: list[str] | None) -> None:
+    def _deliver_invalidation(
+        self,
+        tables: list[Table | str],
+        rows: list[str] | None,
+        raw: set[tuple[Any, ...]] | None = None,
+    ) -> None:
         databases = set(self._known_databases())
         delivered = True
         for db in sorted(databases):
@@ -314,6 +321,8 @@ class CacheManager:
                 else:
                     for pk in rows:
                         writes.add_row(name, pk)
+                    if raw:  # [cashews bridge] the tags name rows by their values
+                        writes.raw_rows[name] = set(raw)
                 if isinstance(table, str):
                     continue
                 for child in {
@@ -496,6 +505,16 @@ class CacheManager:
         if self.bridge is not None:  # [cashews bridge]
             data["cashews"] = self.bridge.stats()
         return data
+
+
+def _raw(pks: list[Any] | None) -> set[tuple[Any, ...]] | None:
+    """[cashews bridge] primary keys as value tuples (scalars become 1-tuples)."""
+    if pks is None:
+        return None
+    try:
+        return {pk if isinstance(pk, tuple) else (pk,) for pk in pks}
+    except TypeError:  # unhashable values: only the table tag is deleted
+        return None
 
 
 def _all_tables() -> list[Table]:
