@@ -100,14 +100,18 @@ async def test_in_process_cashews_caches_of_two_processes_follow_each_others_com
                 assert time.monotonic() - committed < 2.0, f"still {seen} after the commit"
                 await asyncio.sleep(0.002)
             assert seen == (name, n)
-            print(f"\ncashews mem:// in another process fresh {1000 * (time.monotonic() - committed):.1f} ms after commit")
+            print(
+                f"\ncashews mem:// in another process fresh {1000 * (time.monotonic() - committed):.1f} ms after commit"
+            )
     finally:
         worker.stdin.write(b"\n")
         await worker.stdin.drain()
         await asyncio.wait_for(worker.wait(), 30)
 
 
-async def test_tags_not_deleted_during_a_cashews_outage_are_redelivered(stack, make_cache, sessions):
+async def test_tags_not_deleted_during_a_cashews_outage_are_redelivered(
+    stack, make_cache, sessions
+):
     """cashews' Redis goes through a proxy that refuses connections: the commit still returns at
     once, the deletion is counted as an error, kept pending, and delivered once Redis answers."""
     port = int(stack.redis_url.rsplit(":", 1)[1].split("/")[0])
@@ -116,7 +120,7 @@ async def test_tags_not_deleted_during_a_cashews_outage_are_redelivered(stack, m
     app_cache = Cache(name=f"o{uuid.uuid4().hex[:6]}")
     app_cache.setup(f"redis://127.0.0.1:{proxy.port}/{database}", socket_timeout=0.1)
     cache = await make_cache(cashews=app_cache)
-    user_name, _, calls = cached_endpoints(app_cache, sessions)
+    user_name, _, _ = cached_endpoints(app_cache, sessions)
     try:
         async with sessions() as s:
             s.add(User(id=1, name="a"))

@@ -148,7 +148,9 @@ async def test_a_commit_through_another_cache_reaches_the_tier_over_pubsub(
         await s.commit()
     await warm(reader, sessions, "a")
     writer_engine = create_async_engine(stack.db_url)
-    writer = sqlacache.configure(stack.backend, {"*": {"timeout": 300}}, prefix=reader.config.prefix)
+    writer = sqlacache.configure(
+        stack.backend, {"*": {"timeout": 300}}, prefix=reader.config.prefix
+    )
     await writer.bind(writer_engine)
     try:
         async with AsyncSession(writer_engine) as s:
@@ -283,12 +285,12 @@ async def test_commits_of_a_writer_process_reach_reader_processes_tiers(
     async with sessions() as s:
         s.add(User(id=1, name="0"))
         await s.commit()
-    commits, interval = 150, 0.02
+    commits, interval = 150, "0.02"
     readers = [
         await _spawn("reader", stack.db_url, stack.backend, prefix, "60", str(HEARTBEAT))
         for _ in range(2)
     ]
-    writer = await _spawn("writer", stack.db_url, stack.backend, prefix, str(commits), "0.02")
+    writer = await _spawn("writer", stack.db_url, stack.backend, prefix, str(commits), interval)
     procs = [*readers, writer]
     for proc in procs:
         assert proc.stdout is not None

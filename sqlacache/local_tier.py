@@ -39,8 +39,11 @@ mirror *fresh*: complete up to at most `heartbeat` seconds ago.
 3. This process's own commits: before `commit()` returns, the keys it bumped are marked unknown
    (no local hit on them) and, if the subscription was live before the bump was sent, *pending*
    its own message: messages for that key that arrive before it are older (ignored) and the own
-   message installs the new token. If the bump failed or its fate is unknown the key just stays
-   unknown until a later read learns it under the rules of (1).
+   message installs the new token. The subscriber thread may be quicker than the committer: if
+   the own message is already the key's token, the key is left as it is (current); if it was
+   already overtaken by a newer one, the key stays unknown and the next heartbeat sent after the
+   commit (which proves the own message was delivered) ends the wait. If the bump failed or its
+   fate is unknown the key just stays unknown until a later read learns it under (1).
 4. Nothing is served locally while the circuit breaker is open (an undelivered invalidation must
    be redelivered first), nor for a model configured with `"local": False`.
 """
@@ -516,9 +519,10 @@ def wire(manager: Any) -> None:
     manager.local_tier = None
     manager.bridge = None
     if config.cashews is not None:
-        manager.bridge = invalidator.bridge = CashewsBridge(
-            config.cashews, config.operation_timeout
-        )
+        bridge = CashewsBridge(config.cashews, config.operation_timeout)
+        with contextlib.suppress(RuntimeError):  # the application's loop, if bind() runs in one
+            bridge.loop = asyncio.get_running_loop()
+        manager.bridge = invalidator.bridge = bridge
     if not store.shared:
         return
     channel = manager.namespace.channel(store.database)
