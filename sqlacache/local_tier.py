@@ -40,8 +40,9 @@ mirror *fresh*: complete up to at most `heartbeat` seconds ago.
    (no local hit on them) and, if the subscription was live before the bump was sent, *pending*
    its own message: messages for that key that arrive before it are older (ignored) and the own
    message installs the new token. The subscriber thread may be quicker than the committer: if
-   the own message is already the key's token, the key is left as it is (current); if it was
-   already overtaken by a newer one, the key stays unknown and the next heartbeat sent after the
+   the own message was already delivered (it is the key's token, or among the last pairs the
+   stream delivered), the key is left as it is: as current as the stream. Otherwise, if the own
+   message is missed by that memory, the key stays unknown and the next heartbeat sent after the
    commit (which proves the own message was delivered) ends the wait. If the bump failed or its
    fate is unknown the key just stays unknown until a later read learns it under (1).
 4. Nothing is served locally while the circuit breaker is open (an undelivered invalidation must
@@ -63,6 +64,8 @@ from typing import Any
 
 logger = logging.getLogger("sqlacache")
 
+#: how many delivered (key, token) pairs the mirror remembers (see `Mirror.apply_own`)
+DELIVERED_MEMORY = 10_000
 #: message kinds on the invalidation channel (first byte)
 VERSIONS = b"v"
 TAGS = b"t"
@@ -84,6 +87,9 @@ class Mirror:
         self.limit = limit
         self.lock = threading.Lock()
         self.tokens: OrderedDict[str, tuple[bytes | None, int]] = OrderedDict()
+        #: the last (key, token) pairs the stream delivered: an own bump whose reply comes back
+        #: after its own message (and maybe newer ones) finds it here
+        self.delivered: OrderedDict[tuple[str, bytes], None] = OrderedDict()
         #: own bumps whose message is still due: key -> (token, when applied)
         self.pending: dict[str, tuple[bytes, float]] = {}
         self.seq = 0
@@ -120,6 +126,7 @@ class Mirror:
             self.live = False
             self.tokens.clear()
             self.pending.clear()
+            self.delivered.clear()
             self.confirmed_at = float("-inf")
 
     def drop_tokens(self) -> None:
@@ -182,7 +189,11 @@ class Mirror:
             if epoch != self.epoch:
                 return
             pending = self.pending
+            delivered = self.delivered
             for key in keys:
+                delivered[(key, token)] = None
+                if len(delivered) > DELIVERED_MEMORY:
+                    delivered.popitem(last=False)
                 if key in pending:
                     if pending[key][0] != token:
                         continue  # older than this process's own bump, already applied
@@ -198,8 +209,11 @@ class Mirror:
             )
             for key in keys:
                 known = self.tokens.get(key)
-                if expect and known is not None and known[0] == token:
-                    continue  # its own message came first, and nothing since: already current
+                if expect and (
+                    (known is not None and known[0] == token) or (key, token) in self.delivered
+                ):
+                    # its own message came first: the key is as current as the stream
+                    continue
                 self._set(key, None)
                 if expect:
                     assert token is not None

@@ -468,7 +468,17 @@ class RedisStore:
             if connection.is_connected:
                 return connection
         connection = self._lean_pool.make_connection()
-        await connection.connect()
+        # The TCP connect has its own timeout, but the handshake after it (SELECT db, AUTH) is
+        # read on a connection without a socket timeout: a Redis that accepts and stays silent
+        # would hold it forever. Bound the whole connect.
+        timeout = float(self._options["socket_connect_timeout"]) + self.operation_timeout
+        try:
+            await asyncio.wait_for(connection.connect(), timeout)
+        except asyncio.TimeoutError:
+            await connection.disconnect()
+            raise TimeoutError(
+                f"Redis did not complete the connection handshake in {timeout}s"
+            ) from None
         return connection
 
     def store(self, fill: Fill) -> None:

@@ -83,16 +83,35 @@ def test_an_own_message_that_arrived_before_the_reply_leaves_the_mirror_current(
     assert mirror.matches([K], [b"t2"])
 
 
-def test_an_own_message_overtaken_before_the_reply_is_resolved_by_the_next_heartbeat():
+def test_an_own_message_overtaken_before_the_reply_leaves_the_newer_token():
     mirror, epoch = live_mirror()
     mark = mirror.mark()
     mirror.apply(epoch, b"t2", [K])
     mirror.apply(epoch, b"t3", [K])  # another process bumped again right after
+    mirror.apply_own(mark, b"t2", [K])  # t2 was delivered: t3 is the newer truth
+    assert mirror.matches([K], [b"t3"])
+
+
+def test_an_own_message_forgotten_before_the_reply_is_resolved_by_the_next_heartbeat(
+    monkeypatch,
+):
+    import sqlacache.local_tier as local_tier
+
+    monkeypatch.setattr(local_tier, "DELIVERED_MEMORY", 1)
+    mirror, epoch = live_mirror()
+    mark = mirror.mark()
+    mirror.apply(epoch, b"t2", [K])
+    mirror.apply(epoch, b"t3", [K])
+    mirror.apply(epoch, b"x", ["other"])  # the delivered memory forgot (K, t2)
     mirror.apply_own(mark, b"t2", [K])
     assert not mirror.matches([K], [b"t2"]) and not mirror.matches([K], [b"t3"])
     later = mirror.mark()
     assert later is not None
+    mirror.learn(later, [K], [b"t3"])
+    assert not mirror.matches([K], [b"t3"])  # still waiting for its own message
     mirror.confirm(epoch, time.monotonic())  # everything before now was delivered
+    later = mirror.mark()
+    assert later is not None
     mirror.learn(later, [K], [b"t3"])  # a fresh read can teach it again
     assert mirror.matches([K], [b"t3"])
 
