@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test unit integration lint typecheck bench clean services-check
+.PHONY: venv demo test unit integration lint typecheck bench bench-local clean services-check
 
 venv: $(STAMP)
 
@@ -36,6 +36,9 @@ typecheck: venv
 
 bench: venv
 	$(BIN)/python bench/run.py
+
+bench-local: venv
+	$(BIN)/python bench/local_tier.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
