@@ -345,3 +345,65 @@ async def test_commits_of_a_writer_process_reach_reader_processes_tiers(
         )
     assert violations == []
     assert local > 0
+
+
+async def test_a_forked_child_serves_nothing_local_until_its_own_subscriber_runs(
+    stack, make_cache, sessions
+) -> None:
+    """What os.fork's hook does in the child of a pre-forking server that bound before forking:
+    the parent's mirror is dropped, and the next Redis read starts the child's own subscriber."""
+    cache = await make_cache(local=True)
+    await until(lambda: fresh(cache))
+    async with sessions() as s:
+        s.add(User(id=1, name="a"))
+        await s.commit()
+    await warm(cache, sessions, "a")
+    tier = cache.local_tier
+    assert tier is not None
+    tier.subscriber.stop()  # the child has no thread: simulate it, then the hook
+    tier.after_fork()
+    assert not fresh(cache)
+    hits = tier.hits
+    assert await name_of(sessions) == "a"  # from Redis; restarts the subscriber
+    assert tier.hits == hits
+    await until(lambda: fresh(cache))
+    await warm(cache, sessions, "a")
+
+
+async def test_a_sync_session_reads_its_own_commits_through_the_tier(stack, make_cache) -> None:
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    sync_engine = create_engine(stack.db_url.replace("+asyncpg", "+psycopg"))
+    cache = await make_cache(local=True, bind=False)
+    cache.bind_sync(sync_engine)
+    try:
+        await until(lambda: fresh(cache))
+        with Session(sync_engine) as s:
+            s.add(User(id=1, name="a"))
+            s.commit()
+
+        def read() -> str:
+            with Session(sync_engine) as s:
+                user = s.get(User, 1)
+                assert user is not None
+                return user.name
+
+        tier = cache.local_tier
+        assert tier is not None
+        deadline = time.monotonic() + 5.0
+        while True:  # fill, Redis hit, then local (once the insert's own message came back)
+            hits = tier.hits
+            assert read() == "a"
+            if tier.hits == hits + 1:
+                break
+            assert time.monotonic() < deadline, tier.stats()
+            await asyncio.sleep(0.02)
+        with Session(sync_engine) as s:
+            user = s.get(User, 1)
+            assert user is not None
+            user.name = "b"
+            s.commit()
+        assert read() == "b"
+    finally:
+        sync_engine.dispose()

@@ -57,6 +57,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -267,6 +268,7 @@ class LocalTier:
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
+        self.started = False
         self.subscriber = Subscriber(self, url, options)
         #: called with the tags of a cashews deletion published by another process
         self.on_tags: Callable[[list[str]], None] | None = None
@@ -274,10 +276,26 @@ class LocalTier:
         self.on_gap: Callable[[], None] | None = None
 
     def start(self) -> None:
+        self.started = True
         self.subscriber.start_once()
+        _watch_forks(self)
+
+    def after_fork(self) -> None:
+        """In a forked child (a pre-forking server that bound before forking): the parent's
+        thread is gone and its mirror proves nothing here. Restarted by the next Redis read."""
+        # a lock the parent's thread held at the fork would stay held forever in the child
+        self.mirror.lock = threading.Lock()
+        self._lock = threading.Lock()
+        self.mirror.drop()
+        self.subscriber.forget_thread()
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
 
     def stop(self) -> None:
+        self.started = False
         self.subscriber.stop()
+        _TIERS.discard(self)
         with self._lock:
             self._entries.clear()
             self._bytes = 0
@@ -357,6 +375,8 @@ class LocalTier:
     # -- the write path ---------------------------------------------------------------------------
 
     def mark(self) -> Mark | None:
+        if self.started and not self.subscriber.running:
+            self.subscriber.start_once()  # after a fork
         return self.mirror.mark()
 
     def bumped(self, mark: Mark | None, token: bytes | None, keys: Sequence[str]) -> None:
@@ -422,6 +442,13 @@ class Subscriber:
             target=self._run, name=f"sqlacache-subscriber-{self.tier.channel}", daemon=True
         )
         self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def forget_thread(self) -> None:
+        self._thread = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -519,6 +546,23 @@ class Subscriber:
                 pubsub.close()
             with contextlib.suppress(Exception):
                 client.close()
+
+
+_TIERS: weakref.WeakSet[LocalTier] = weakref.WeakSet()
+_fork_hook: list[bool] = []
+
+
+def _watch_forks(tier: LocalTier) -> None:
+    """Registered once, at the first tier started (no work at import)."""
+    _TIERS.add(tier)
+    if not _fork_hook and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+        _fork_hook.append(True)
+
+
+def _after_fork_in_child() -> None:
+    for tier in list(_TIERS):
+        tier.after_fork()
 
 
 def wire(manager: Any) -> None:
