@@ -24,7 +24,8 @@ import threading
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
-from ._greenlet import await_, in_greenlet
+from ._greenlet import await_, greenlet_spawn, in_greenlet
+from .stats import RateLimitedLog
 
 logger = logging.getLogger("sqlacache")
 
@@ -73,6 +74,7 @@ class CashewsBridge:
         self._lock = threading.Lock()
         self._retry: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._log = RateLimitedLog()  # one line per minute during an outage, not per commit
         #: the event loop the application's cashews cache was last used from
         self.loop: asyncio.AbstractEventLoop | None = None
         #: sends a message to the other processes (set by the manager on a shared backend)
@@ -157,10 +159,11 @@ class CashewsBridge:
         self.tags_deleted += len(tags)
 
     def _failed(self, tags: list[str], reason: str) -> None:
-        self.errors += 1
+        if tags:
+            self.errors += 1
         with self._lock:
             self._pending.update(tags)
-        logger.warning("sqlacache: cashews tags not deleted (%s); will retry", reason)
+        self._log.warning("cashews", "sqlacache: cashews tags not deleted (%s); will retry", reason)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -175,10 +178,19 @@ class CashewsBridge:
             delay = min(delay * 2, RETRY_MAX)
             await self.redeliver()
 
+    def keep(self, tags: list[str]) -> None:
+        """Deliver later (a commit cancelled while its invalidation was in flight)."""
+        with self._lock:
+            self._pending.update(tags)
+            if self.publish is not None:
+                self._unpublished.update(tags)
+        self._failed([], "the commit was cancelled")
+
     async def redeliver(self) -> None:
         """Send what is pending now (flush_pending, the retry task)."""
         if self._unpublished:
-            self._tell_others([])
+            # in SQLAlchemy's greenlet, so that the store uses its asyncio client
+            await greenlet_spawn(self._tell_others, [])
         with self._lock:
             batch, self._pending = sorted(self._pending), set()
         if batch:

@@ -150,6 +150,10 @@ class Invalidator:
             self._settle(after)
         except asyncio.CancelledError:  # see `_deliver`: the delivery goes on in a task
             self._spawn_delivery(db, bump, tables, bump.release, True, after)
+            if self.bridge is not None:  # [cashews bridge]
+                from .cashews_bridge import tags_of
+
+                self.bridge.keep(tags_of(writes.all_tables(), writes.raw_rows))
             raise
         delivered = self._deliver(db, bump, tables, bump.release)
         if self.bridge is not None:  # [cashews bridge]
