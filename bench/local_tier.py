@@ -102,7 +102,7 @@ async def main() -> None:
     totals: dict[tuple[int, str], list[float]] = {}
     for repeat in range(3):
         for tasks in (1, 50):
-            for name in (["local", "floor"] if repeat % 2 == 0 else ["floor", "local"]):
+            for name in ["local", "floor"] if repeat % 2 == 0 else ["floor", "local"]:
                 read, write = tp[name]
                 ops, seconds = await throughput(read, write, tasks, 2.0, repeat)
                 total = totals.setdefault((tasks, name), [0.0, 0.0])

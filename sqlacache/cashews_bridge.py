@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Mapping
@@ -46,6 +47,34 @@ def tags_of(tables: Iterable[str], raw_rows: Mapping[str, Iterable[tuple[Any, ..
     return sorted(tags)
 
 
+#: errors cashews logged (and swallowed) during the current deletion, per task
+_SWALLOWED: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "sqlacache_cashews_swallowed", default=None
+)
+#: where cashews logs the Redis errors it swallows (pinned by the outage test)
+CASHEWS_ERROR_LOGGERS = ("cashews.backends.redis.client",)
+
+
+class _SwallowedErrors(logging.Filter):
+    """Notes an error record in the deletion running in this task; never drops a record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        swallowed = _SWALLOWED.get()
+        if swallowed is not None and record.levelno >= logging.ERROR:
+            swallowed.append(record.getMessage())
+        return True
+
+
+_filter = _SwallowedErrors()
+
+
+def watch_cashews_errors() -> None:
+    for name in CASHEWS_ERROR_LOGGERS:
+        logger_ = logging.getLogger(name)
+        if _filter not in logger_.filters:
+            logger_.addFilter(_filter)
+
+
 def _backends(cache: Any) -> list[Any]:
     """cashews keeps its backends by prefix in `_backends` (pinned by a test)."""
     backends = getattr(cache, "_backends", None)
@@ -64,12 +93,14 @@ class CashewsBridge:
     """Deletes cashews tags after commits, here and (over pub/sub) in other processes."""
 
     def __init__(self, cache: Any, timeout: float) -> None:
+        watch_cashews_errors()
         self.cache = cache
         self.timeout = timeout
         self.tags_deleted = 0
         self.errors = 0
         self.received = 0
         self._pending: set[str] = set()
+        self._in_flight = 0  # tags of deletions under way (retries included)
         self._unpublished: set[str] = set()
         self._lock = threading.Lock()
         self._retry: asyncio.Task[None] | None = None
@@ -82,7 +113,7 @@ class CashewsBridge:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return len(self._pending | self._unpublished) + self._in_flight
 
     @property
     def in_process(self) -> bool:
@@ -92,7 +123,7 @@ class CashewsBridge:
         return {
             "tags_deleted": self.tags_deleted,
             "errors": self.errors,
-            "pending": len(self._pending) + len(self._unpublished),
+            "pending": len(self._pending | self._unpublished) + self._in_flight,
             "received": self.received,
         }
 
@@ -109,7 +140,7 @@ class CashewsBridge:
         if in_greenlet():
             loop = asyncio.get_running_loop()
             self.loop = loop
-            task = loop.create_task(self._delete(batch))
+            task = loop.create_task(self._start(batch))
             with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
                 await_(asyncio.wait_for(asyncio.shield(task), self.timeout))
             return
@@ -122,16 +153,16 @@ class CashewsBridge:
         except RuntimeError:
             running = None
         if running is not None:  # a sync call inside a coroutine: never block its loop
-            self._spawn(running, self._delete(batch))
+            self._spawn(running, self._start(batch))
             return
         loop = self.loop
         if loop is not None and loop.is_running() and not loop.is_closed():
-            future = asyncio.run_coroutine_threadsafe(self._delete(batch), loop)
+            future = asyncio.run_coroutine_threadsafe(self._start(batch), loop)
             with contextlib.suppress(Exception):
                 future.result(self.timeout)
             return
         try:
-            asyncio.run(asyncio.wait_for(self._delete(batch), self.timeout))
+            asyncio.run(asyncio.wait_for(self._start(batch), self.timeout))
         except Exception:
             self._failed(batch, "timed out")
 
@@ -148,14 +179,29 @@ class CashewsBridge:
                 self._unpublished.update(batch)
             self.errors += 1
 
+    def _start(self, tags: list[str]) -> Coroutine[Any, Any, None]:
+        """A deletion, counted as pending from now until it ends (`stats()["pending"]`)."""
+        self._in_flight += len(tags)
+        return self._delete(tags)
+
     async def _delete(self, tags: list[str]) -> None:
+        swallowed: list[str] = []
+        token = _SWALLOWED.set(swallowed)
         try:
-            await self.cache.delete_tags(*tags)
-            # delete_tags reports success even when cashews swallowed a Redis error
+            # cashews (suppress=True, its default) reports success even when it swallowed a
+            # Redis error: PING (which it never swallows) before and after, and count the
+            # errors it logs meanwhile
             await self.cache.ping(b"_tag:sqlacache")
+            await self.cache.delete_tags(*tags)
+            await self.cache.ping(b"_tag:sqlacache")
+            if swallowed:
+                raise ConnectionError(f"cashews swallowed: {swallowed[0]}")
         except Exception as exc:
             self._failed(tags, f"{type(exc).__name__}: {exc}")
             return
+        finally:
+            _SWALLOWED.reset(token)
+            self._in_flight -= len(tags)
         self.tags_deleted += len(tags)
 
     def _failed(self, tags: list[str], reason: str) -> None:
@@ -195,7 +241,7 @@ class CashewsBridge:
             batch, self._pending = sorted(self._pending), set()
         if batch:
             errors = self.errors
-            await self._delete(batch)
+            await self._start(batch)
             if self.errors != errors:
                 return
 
@@ -206,7 +252,7 @@ class CashewsBridge:
         if not self.in_process:
             return
         self.received += len(tags)
-        self._run_here(lambda: self._delete(tags))
+        self._run_here(lambda: self._start(tags))
 
     def lost_messages(self) -> None:
         """The subscription was lost and renewed: deletions may have been missed, so an
