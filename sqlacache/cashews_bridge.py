@@ -174,10 +174,11 @@ class CashewsBridge:
             self._unpublished.clear()
         try:
             self.publish(batch)
-        except Exception:
+        except Exception as exc:
             with self._lock:
                 self._unpublished.update(batch)
             self.errors += 1
+            self._failed([], f"not published to other processes: {exc}")
 
     def _start(self, tags: list[str]) -> Coroutine[Any, Any, None]:
         """A deletion, counted as pending from now until it ends (`stats()["pending"]`)."""
