@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
 
 import sqlacache
-from tests.models import Seat, User
+from tests.models import Base, Seat, User
 
 
 @pytest.fixture
@@ -135,4 +135,32 @@ async def test_a_sync_commit_evicts_too(stack, make_cache, engine, app_cache):
         await asyncio.to_thread(write)
         assert await app_cache.get("u1") is None
     finally:
+        sync_engine.dispose()
+
+
+def test_a_sync_commit_with_no_event_loop_at_all_evicts(stack, app_cache):
+    """A purely synchronous application: the deletion runs on a private loop."""
+    url = stack.db_url.replace("+aiosqlite", "").replace("+asyncpg", "+psycopg")
+    sync_engine = create_engine(url)
+    Base.metadata.drop_all(sync_engine)
+    Base.metadata.create_all(sync_engine)
+    cache = sqlacache.configure(
+        stack.backend, {"*": {"timeout": 300}}, prefix=f"s{uuid.uuid4().hex[:8]}", cashews=app_cache
+    )
+    cache.bind_sync(sync_engine)
+    try:
+        with Session(sync_engine) as s:
+            s.add(User(id=1, name="a"))
+            s.commit()
+        asyncio.run(app_cache.set("u1", "a", tags=["users:1"]))
+        with Session(sync_engine) as s:
+            user = s.get(User, 1)
+            assert user is not None
+            user.name = "b"
+            s.commit()
+        assert asyncio.run(app_cache.get("u1")) is None
+        assert cache.stats()["cashews"]["errors"] == 0
+    finally:
+        cache.invalidate_all_sync()
+        cache.disconnect_sync()
         sync_engine.dispose()
