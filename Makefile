@@ -57,5 +57,8 @@ wheel-check: venv
 field:
 	$(PYTHON) field/run.py $(FIELD_ARGS)
 
+bench-local: venv
+	$(BIN)/python bench/local_tier.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

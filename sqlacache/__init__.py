@@ -51,6 +51,9 @@ def configure(
     lock_timeout: float = 5.0,
     max_rows: int = 10_000,
     max_bytes: int = 4 * 1024 * 1024,
+    local: bool | Mapping[str, int] | None = None,
+    local_heartbeat: float = 0.5,
+    cashews: Any = None,
 ) -> CacheManager:
     """Validate the configuration and return an unbound `CacheManager` (it connects to nothing).
 
@@ -59,6 +62,10 @@ def configure(
 
     `verify` is the fraction of hits (0 to 1) that are also run on the database and compared
     with the cached result; `on_mismatch(model, op, key)` hears of every difference found.
+    `local=True` (or `{"size": ..., "max_bytes": ...}`) keeps recent entries decoded in this
+    process, kept exact over Redis pub/sub (see `sqlacache.local_tier`); `local_heartbeat` bounds
+    how long a silent pub/sub connection can go unnoticed. `cashews=cache` makes the tags
+    `{table}:{pk}` and `{table}` of the application's cashews cache follow every commit.
     """
     config = build_config(
         backend=backend,
@@ -78,6 +85,9 @@ def configure(
         max_rows=max_rows,
         max_bytes=max_bytes,
         verify=verify,
+        local=local,
+        local_heartbeat=local_heartbeat,
+        cashews=cashews,
     )
     return CacheManager(
         config,

@@ -3,16 +3,22 @@ recovery, wired together once, and the listeners that `disconnect()` removes."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
+import os
 
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
-from .backends import make_store
+from .backends import Store, make_store
+from .backends.redis import RedisStore
+from .cashews_bridge import CashewsBridge, is_in_process
 from .config import CacheConfig
 from .hooks import ReadPath
 from .invalidation import Invalidator
 from .keys import Namespace
+from .local_tier import TAGS, LocalTier
 from .redis_errors import classify_redis_error
 from .resilience import Breaker, GuardedStore, Recovery
 from .runtime import Runtime
@@ -52,6 +58,10 @@ class Bound:
             breaker.misconfiguration = functools.partial(
                 classify_redis_error, url=config.backend.url, options=config.backend.options
             )
+        self.local_tier, self.bridge, self.tag_listener = _follow_invalidations(
+            config, namespace, store, runtime.store, self.invalidator, breaker
+        )
+        runtime.local = self.local_tier
         event.listen(Session, "do_orm_execute", self.read_path.on_execute, retval=True)
         self.tracker.listen_globally()
 
@@ -59,4 +69,62 @@ class Bound:
         if event.contains(Session, "do_orm_execute", self.read_path.on_execute):
             event.remove(Session, "do_orm_execute", self.read_path.on_execute)
         self.tracker.unlisten()
+        for tier in (self.local_tier, self.tag_listener):
+            if tier is not None:
+                tier.stop()
         self.runtime.databases.clear()
+
+
+def _follow_invalidations(
+    config: CacheConfig,
+    namespace: Namespace,
+    store: Store,
+    guarded: GuardedStore,
+    invalidator: Invalidator,
+    breaker: Breaker,
+) -> tuple[LocalTier | None, CashewsBridge | None, LocalTier | None]:
+    """The in-process tier and the cashews bridge, where configured: (tier, bridge, a subscriber
+    that only receives the bridge's tags for an in-process cashews cache)."""
+    bridge = None
+    if config.cashews is not None:
+        bridge = CashewsBridge(config.cashews, config.operation_timeout)
+        with contextlib.suppress(RuntimeError):  # the application's loop, if bind() runs in one
+            bridge.loop = asyncio.get_running_loop()
+        invalidator.bridge = bridge
+    if not isinstance(store, RedisStore):
+        return None, bridge, None
+    channel = namespace.channel(store.database)
+    store.channel = channel  # every bump now publishes its new tokens there
+    store.channel_strip = len(namespace.meta_prefix)
+    sender = os.urandom(6).hex()
+    if bridge is not None:
+
+        def publish(tags: list[str]) -> None:
+            if tags:
+                message = TAGS + sender.encode() + b"\n" + "\n".join(tags).encode()
+                guarded.publish(channel, message)
+
+        bridge.publish = publish
+    wants_tier = config.local is not None
+    if not (wants_tier or (bridge is not None and is_in_process(bridge.cache))):
+        return None, bridge, None
+    settings = config.local or {"size": 0, "max_bytes": 0}
+    tier = LocalTier(
+        size=settings["size"],
+        max_bytes=settings["max_bytes"],
+        heartbeat=config.local_heartbeat,
+        url=config.backend.url,
+        options=store.connection_options,
+        channel=channel,
+        strip=namespace.meta_prefix,
+        serving=lambda: not breaker.is_open,
+    )
+    if bridge is not None:
+        tier.subscriber.sender = sender
+        tier.on_tags = bridge.received_tags
+        tier.on_gap = bridge.lost_messages
+    tier.start()
+    if wants_tier:
+        invalidator.local = tier
+        return tier, bridge, None
+    return None, bridge, tier

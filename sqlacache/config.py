@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .manager import CacheManager
 
 OPS = ("get", "fetch", "count", "exists")
-MODEL_OPTIONS = ("ops", "timeout", "lock", "verify")
+MODEL_OPTIONS = ("ops", "timeout", "lock", "verify", "local")
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]+")
 logger = logging.getLogger("sqlacache")
 
@@ -179,6 +179,8 @@ class ModelPolicy:
     #: the fraction of this model's hits also run on the database and compared (verification mode)
     verify: float = 0.0
 
+    local: bool = True  # [local tier] may be served from the in-process tier
+
     def allows(self, op: str) -> bool:
         return self.enabled and op in self.ops
 
@@ -237,6 +239,11 @@ class CacheConfig(Mapping[str, Any]):
     max_bytes: int = 4 * 1024 * 1024
     max_pending_tables: int = 1_000
     verify: float = 0.0
+    #: [local tier] None (off) or {"size": entries, "max_bytes": bytes}; see local_tier.py
+    local: Mapping[str, int] | None = None
+    local_heartbeat: float = 0.5
+    #: [cashews bridge] the application's `cashews.Cache`, whose tags follow every commit
+    cashews: Any = None
     _resolved: dict[Mapper[Any], ModelPolicy] = field(default_factory=dict, repr=False)
     _class_entries: dict[type, Mapping[str, Any] | None] = field(default_factory=dict, repr=False)
     _module_entries: dict[str, Mapping[str, Any] | None] = field(default_factory=dict, repr=False)
@@ -350,6 +357,7 @@ class CacheConfig(Mapping[str, Any]):
             timeout=int(fields.get("timeout", self.default_timeout)),
             lock=bool(fields.get("lock", False)),
             verify=float(fields.get("verify", self.verify)),
+            local=bool(fields.get("local", True)),
         )
 
 
@@ -495,6 +503,8 @@ def _validate_model_entry(key: Any, entry: Any) -> None:
         raise ConfigError(f"{culprit}['lock'] must be True or False, got {entry['lock']!r}")
     if "verify" in entry:
         check_verify(entry["verify"], f"{culprit}['verify']")
+    if "local" in entry and not isinstance(entry["local"], bool):
+        raise ConfigError(f"{culprit}['local'] must be True or False, got {entry['local']!r}")
 
 
 def _validate_model_key(key: Any) -> None:
@@ -759,6 +769,9 @@ def build_config(
     max_rows: int,
     max_bytes: int,
     verify: float = 0.0,
+    local: bool | Mapping[str, int] | None = None,
+    local_heartbeat: float = 0.5,
+    cashews: Any = None,
 ) -> CacheConfig:
     """Validate every argument of `configure()` and return the `CacheConfig`."""
     backend_config = parse_backend(backend)
@@ -807,6 +820,9 @@ def build_config(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    local_config = _local_tier(local, backend_config)
+    _positive("local_heartbeat", local_heartbeat)
+    _check_cashews(cashews)
     return CacheConfig(
         backend=backend_config,
         models=dict(models),
@@ -825,7 +841,49 @@ def build_config(
         max_rows=max_rows,
         max_bytes=max_bytes,
         verify=verify_fraction,
+        local=local_config,
+        local_heartbeat=float(local_heartbeat),
+        cashews=cashews,
     )
+
+
+LOCAL_DEFAULTS = {"size": 10_000, "max_bytes": 64 << 20}
+
+
+def _local_tier(local: Any, backend: BackendConfig) -> Mapping[str, int] | None:
+    """`local=True` or `{"size": n, "max_bytes": b}`; refused where nothing could keep it exact."""
+    if local is None or local is False:
+        return None
+    if local is True:
+        settings = dict(LOCAL_DEFAULTS)
+    elif isinstance(local, Mapping):
+        unknown = [k for k in local if k not in LOCAL_DEFAULTS]
+        if unknown:
+            raise ConfigError(
+                f"{unknown[0]!r} is not a local tier option"
+                f"{_did_you_mean(str(unknown[0]), LOCAL_DEFAULTS)} (options: size, max_bytes)"
+            )
+        settings = {**LOCAL_DEFAULTS, **local}
+        for name, value in settings.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"local[{name!r}] must be a positive integer, got {value!r}")
+    else:
+        raise ConfigError(f"local must be True, False or a dict of size/max_bytes, got {local!r}")
+    if backend.is_memory:
+        raise ConfigError(
+            "local=... needs a shared backend (redis://): on mem:// every entry already lives in "
+            "this process, and there is no pub/sub to keep a second in-process copy exact"
+        )
+    return settings
+
+
+def _check_cashews(cashews: Any) -> None:
+    if cashews is None:
+        return
+    if not callable(getattr(cashews, "delete_tags", None)):
+        raise ConfigError(
+            f"cashews must be a cashews.Cache (e.g. `from cashews import cache`), got {cashews!r}"
+        )
 
 
 def _positive(name: str, value: Any) -> None:

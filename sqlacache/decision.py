@@ -344,9 +344,12 @@ class Fetched:
     leased: bool
     guards_seen: list[bytes | None]
     fetched_at: float  # `time.monotonic()` before the fetch was sent (see `Fill.guard_rows`)
+    local_mark: Any = None  # the in-process tier's mark before the fetch (see `local_tier`)
 
     @classmethod
-    def split(cls, decision: Decision, found: list[bytes | None], fetched_at: float) -> Fetched:
+    def split(
+        cls, decision: Decision, found: list[bytes | None], fetched_at: float, mark: Any = None
+    ) -> Fetched:
         keyset = decision.keyset
         versions_end = 1 + len(decision.row_versions) + len(keyset.versions)
         leases_end = versions_end + len(decision.row_leases) + len(keyset.leases)
@@ -357,4 +360,5 @@ class Fetched:
             leased=leases.count(None) != len(leases),
             guards_seen=found[leases_end:],
             fetched_at=fetched_at,
+            local_mark=mark,
         )

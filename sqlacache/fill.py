@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Result
 
@@ -32,6 +32,9 @@ from .serialize import PayloadError, Snapshot, Unserializable
 from .snapshot import NotSnapshottable, build_result, enum_resolver, freeze, materialise
 from .stampede import Flights
 
+if TYPE_CHECKING:
+    from .local_tier import LocalTier
+
 logger = logging.getLogger("sqlacache")
 
 PLANNED_TOKEN_SECONDS = 10.0
@@ -47,7 +50,9 @@ class Filler:
         self.flights = Flights(wait_timeout=runtime.config.lock_timeout)
         self._planned: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
 
-    def miss(self, decision: Decision, fetched: Fetched) -> Result[Any]:
+    def miss(
+        self, decision: Decision, fetched: Fetched, tier: LocalTier | None = None
+    ) -> Result[Any]:
         """Serve a miss: from an identical in-flight miss if one runs, else from the database."""
         flight_key = (decision.entry_key, tuple(fetched.versions))
         flight = None
@@ -72,7 +77,7 @@ class Filler:
         try:
             result, snapshot = self._query(decision, want_snapshot=not fetched.leased)
             if snapshot is not None:
-                self._store(decision, fetched, snapshot, background=held_lock is None)
+                self._store(decision, fetched, snapshot, tier, background=held_lock is None)
             return result
         finally:
             if flight is not None:
@@ -193,16 +198,25 @@ class Filler:
     # -- the store ------------------------------------------------------------------------------
 
     def _store(
-        self, decision: Decision, fetched: Fetched, snapshot: Snapshot, *, background: bool
+        self,
+        decision: Decision,
+        fetched: Fetched,
+        snapshot: Snapshot,
+        tier: LocalTier | None,
+        *,
+        background: bool,
     ) -> None:
         stamp, fill = self._stamp(decision, fetched)
         if background and self.store.shared and in_greenlet():
             # The reader has its result: serialising and writing overlap the work that follows.
             # (With a cross-process fill lock held, the entry must land before it is released.)
-            self.runtime.background.spawn(self._store_later(decision, snapshot, stamp, fill))
+            self.runtime.background.spawn(
+                self._store_later(decision, fetched, snapshot, stamp, fill, tier)
+            )
             return
         if not self._encode(decision, snapshot, stamp, fill):
             return
+        self._keep_local(tier, decision, fetched, snapshot, fill)
         try:
             self.store.store(fill)
         except CacheUnavailable:
@@ -211,18 +225,47 @@ class Filler:
         self.stats.stored(decision.name, decision.op)
 
     async def _store_later(
-        self, decision: Decision, snapshot: Snapshot, stamp: bytes, fill: Fill
+        self,
+        decision: Decision,
+        fetched: Fetched,
+        snapshot: Snapshot,
+        stamp: bytes,
+        fill: Fill,
+        tier: LocalTier | None,
     ) -> None:
         """Readers in this process that arrive before it lands are served by the finished miss
         (see `stampede`); other processes simply miss until then."""
         if not self._encode(decision, snapshot, stamp, fill):
             return
+        self._keep_local(tier, decision, fetched, snapshot, fill)
         try:
             await self.store.store_async(fill)
         except CacheUnavailable:
             self.stats.error(decision.name, decision.op)
             return
         self.stats.stored(decision.name, decision.op)
+
+    def _keep_local(
+        self,
+        tier: LocalTier | None,
+        decision: Decision,
+        fetched: Fetched,
+        snapshot: Snapshot,
+        fill: Fill,
+    ) -> None:
+        """The in-process tier keeps the fill too, under the stamp read before the query (an
+        entry whose stamp had a missing version waits for its first Redis hit)."""
+        if tier is None or fill.init or fill.init_rows:
+            return
+        tier.remember(
+            fetched.local_mark,
+            decision.entry_key,
+            decision.version_keys,
+            fetched.versions,
+            snapshot=snapshot,
+            ttl=decision.ttl,
+            size=len(fill.value),
+        )
 
     def _encode(self, decision: Decision, snapshot: Snapshot, stamp: bytes, fill: Fill) -> bool:
         """Serialise a snapshot into `fill.value`; False if it is not to be stored."""

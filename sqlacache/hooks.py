@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.engine import Result
@@ -24,6 +25,7 @@ from .entry import valid_payload
 from .errors import CacheUnavailable, ConfigError
 from .fill import Filler
 from .runtime import Runtime
+from .serialize import Snapshot
 
 logger = logging.getLogger("sqlacache")
 
@@ -63,16 +65,38 @@ class ReadPath:
         if isinstance(decision, Skip):
             self.stats.skip(decision)
             return None
+        tier = self.runtime.local if decision.policy.local else None
+        mark = None
+        if tier is not None:  # a valid decoded entry in this process: no Redis round trip
+            snapshot = tier.lookup(
+                decision.entry_key, decision.version_keys, self._decoder(decision)
+            )
+            if snapshot is not None:
+                result = self._hit(decision, snapshot, None, shared=True)
+                if result is not None:
+                    return result
+            mark = tier.mark()  # before the fetch: see local_tier
         fetched_at = time.monotonic()  # before the stamp is read: see Fill.guard_rows
         try:
             answer = self.store.fetch(decision.fetch_keys())
         except CacheUnavailable:
             self.stats.error(decision.name, decision.op)
             return None
-        fetched = Fetched.split(decision, answer, fetched_at)
+        fetched = Fetched.split(decision, answer, fetched_at, mark)
         payload = valid_payload(fetched.entry, fetched.versions)
-        if payload is not None:
-            result = self._hit(decision, payload, fetched.versions)
+        snapshot = None if payload is None else self.filler.decode(decision, payload)
+        if snapshot is not None:
+            if tier is not None:  # keep it decoded, under the versions it was validated with
+                tier.remember(
+                    mark,
+                    decision.entry_key,
+                    decision.version_keys,
+                    fetched.versions,
+                    snapshot=snapshot,
+                    ttl=decision.ttl,
+                    size=len(payload or b""),
+                )
+            result = self._hit(decision, snapshot, fetched.versions, shared=tier is not None)
             if result is not None:
                 return result
         self.stats.miss(decision.plan.model, decision.name, decision.op)
@@ -80,18 +104,21 @@ class ReadPath:
             logger.debug(
                 "sqlacache miss %s %s key=%s", decision.name, decision.op, decision.entry_key
             )
-        return self.filler.miss(decision, fetched)
+        return self.filler.miss(decision, fetched, tier)
 
     def _hit(
-        self, decision: Decision, payload: bytes, versions: list[bytes | None]
+        self,
+        decision: Decision,
+        snapshot: Snapshot,
+        versions: list[bytes | None] | None,
+        *,
+        shared: bool,
     ) -> Result[Any] | None:
-        snapshot = self.filler.decode(decision, payload)
-        if snapshot is None:
-            return None
+        """`shared`: the snapshot also serves later reads (the tier), so this one gets copies."""
         fraction = decision.policy.verify
-        if fraction and verify.sampled(fraction):  # served from the database, and compared
+        if fraction and versions is not None and verify.sampled(fraction):
             return verify.verified_hit(self.runtime, decision, snapshot, versions)
-        result = self.filler.materialise(decision, snapshot, shared=False)
+        result = self.filler.materialise(decision, snapshot, shared=shared)
         if result is not None:
             self.stats.hit(decision.plan.model, decision.name, decision.op)
             if logger.isEnabledFor(logging.DEBUG):
@@ -99,3 +126,6 @@ class ReadPath:
                     "sqlacache hit %s %s key=%s", decision.name, decision.op, decision.entry_key
                 )
         return result
+
+    def _decoder(self, decision: Decision) -> Callable[[bytes], Snapshot | None]:
+        return lambda payload: self.filler.decode(decision, payload)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Table
 from sqlalchemy import inspect as sa_inspect
@@ -21,12 +21,17 @@ from sqlalchemy.orm import Mapper
 from ._greenlet import await_, in_greenlet
 from .analysis import MAPPERS
 from .backends.base import Bump
+from .cashews_bridge import tags_of
 from .config import CacheConfig, import_class
 from .errors import CacheUnavailable, ConfigError
 from .keys import WRITTEN_ROW_TTL_MS, Namespace, UnstableValue, new_token, pk_text
 from .resilience import Breaker, GuardedStore
 from .stats import Stats
 from .writes import WriteSet, cascade_targets
+
+if TYPE_CHECKING:
+    from .cashews_bridge import CashewsBridge
+    from .local_tier import LocalTier
 
 logger = logging.getLogger("sqlacache")
 
@@ -58,6 +63,10 @@ class Invalidator:
         self._pending_releases: list[str] = []
         #: runs a coroutine as a background task (None when the store is in-process)
         self.spawn = spawn
+        #: the in-process tier, told of every bump this process sends before the caller goes on
+        self.local: LocalTier | None = None
+        #: evicts the application's cashews tags after every commit
+        self.bridge: CashewsBridge | None = None
 
     @property
     def breaker(self) -> Breaker:
@@ -115,8 +124,12 @@ class Invalidator:
             self._settle(after)
         except asyncio.CancelledError:  # see `_deliver`: the delivery goes on in a task
             self._spawn_delivery(db, bump, tables, bump.release, True, after)
+            if self.bridge is not None:
+                self.bridge.keep(tags_of(writes.all_tables(), writes.raw_rows))
             raise
         delivered = self._deliver(db, bump, tables, bump.release)
+        if self.bridge is not None:
+            self.bridge.evict(tags_of(writes.all_tables(), writes.raw_rows))
         for table in sorted(writes.all_tables()):
             pks = (
                 sorted(writes.rows[table])
@@ -166,7 +179,11 @@ class Invalidator:
     # -- manual invalidation ----------------------------------------------------------------------
 
     def invalidate_tables(
-        self, databases: Iterable[str], tables: list[Table | str], rows: list[str] | None
+        self,
+        databases: Iterable[str],
+        tables: list[Table | str],
+        rows: list[str] | None,
+        raw_rows: set[tuple[Any, ...]] | None = None,
     ) -> bool:
         """Make `tables` stale in every database (only `rows` of them, where given), with the
         cascades the write path would apply; False if the delivery was queued."""
@@ -179,6 +196,8 @@ class Invalidator:
                 writes.tables.add(name)
                 for pk in rows:
                     writes.add_row(name, pk)
+                if raw_rows:  # the cashews bridge's tags name rows by their values
+                    writes.raw_rows[name] = set(raw_rows)
             if isinstance(table, Table):
                 for child in cascade_targets(table, "delete", None):
                     writes.add_table_wide(child.fullname)
@@ -193,7 +212,7 @@ class Invalidator:
         """Move the namespace to a new epoch: every entry of this prefix stops validating."""
         bump = Bump(persistent=[self.ns.epoch_key])
         try:
-            self.store.bump(bump, new_token(), self.row_ttl_ms, self.lease_ttl_ms)
+            self.send(bump)
         except CacheUnavailable:
             self._pending_epoch = True
             self.stats.undelivered_invalidations += 1
@@ -232,7 +251,7 @@ class Invalidator:
         if not bump:
             return True
         try:
-            self.store.bump(bump, new_token(), self.row_ttl_ms, self.lease_ttl_ms)
+            self.send(bump)
             return True
         except CacheUnavailable:
             self._keep(db, tables, releases, urgent)
@@ -260,15 +279,40 @@ class Invalidator:
         pending = [f for f in after if not f.done()]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+        token = new_token()
+        mark = self.local.mark() if self.local is not None else None
         try:
-            await self.store.bump_async(bump, new_token(), self.row_ttl_ms, self.lease_ttl_ms)
+            await self.store.bump_async(bump, token, self.row_ttl_ms, self.lease_ttl_ms)
         except CacheUnavailable:
+            self._bumped(mark, None, bump)  # whether it landed is unknown
             self._keep(db, tables, list(releases), urgent)
+            return
         except asyncio.CancelledError:
             # Its event loop is ending (asyncio.run() returning, a worker shutting down): whether
             # it landed is unknown, so it is kept, for whichever loop uses the cache next.
+            self._bumped(mark, None, bump)
             self._keep(db, tables, list(releases), True)
             raise
+        except BaseException:
+            self._bumped(mark, None, bump)
+            raise
+        self._bumped(mark, token, bump)
+
+    def send(self, bump: Bump) -> None:
+        """One bump, now, under the breaker; this process's tier learns it before returning."""
+        token = new_token()
+        mark = self.local.mark() if self.local is not None else None
+        try:
+            self.store.bump(bump, token, self.row_ttl_ms, self.lease_ttl_ms)
+        except BaseException:
+            self._bumped(mark, None, bump)  # it may or may not have landed
+            raise
+        self._bumped(mark, token, bump)
+
+    def _bumped(self, mark: Any, token: bytes | None, bump: Bump) -> None:
+        """Apply locally what this process bumped, before commit() returns (see `local_tier`)."""
+        if self.local is not None:
+            self.local.bumped(mark, token, [*bump.persistent, *bump.expiring])
 
     def _keep(self, db: str, tables: set[str], releases: list[str], urgent: bool) -> None:
         if urgent or tables:

@@ -126,6 +126,11 @@ class Namespace:
             "fill_locks": (f"{self.prefix}:lock:",),
         }
 
+    def channel(self, database: int) -> str:
+        """The pub/sub channel of this prefix in one Redis database: every bump publishes its
+        new tokens there (in-process tiers follow it), and the cashews bridge its tags."""
+        return f"{self.prefix}:inv:{database}"
+
     def entry(self, entry_digest: str) -> str:
         return self.entry_prefix + entry_digest
 

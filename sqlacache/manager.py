@@ -220,11 +220,10 @@ class CacheManager:
             check_invalidate_all_call(pks)
             await self.invalidate_all()
             return
-        tables, rows = invalidation_targets(
-            model, None if pks is None else pks_list(pks), unknown_tables
-        )
+        keys = None if pks is None else pks_list(pks)
+        tables, rows = invalidation_targets(model, keys, unknown_tables)
         if tables:
-            await greenlet_spawn(self._deliver_invalidation, tables, rows)
+            await greenlet_spawn(self._deliver_invalidation, tables, rows, keys)
 
     def invalidate_sync(
         self, model: Any = None, pks: Iterable[Any] | Any = None, *, unknown_tables: bool = False
@@ -234,11 +233,10 @@ class CacheManager:
             check_invalidate_all_call(pks)
             self.invalidate_all_sync()
             return
-        tables, rows = invalidation_targets(
-            model, None if pks is None else pks_list(pks), unknown_tables
-        )
+        keys = None if pks is None else pks_list(pks)
+        tables, rows = invalidation_targets(model, keys, unknown_tables)
         if tables:
-            self._deliver_invalidation(tables, rows)
+            self._deliver_invalidation(tables, rows, keys)
 
     def get_model_config(self, model: Any) -> dict[str, Any] | None:
         """What the configuration says about a mapped class: {"ops", "timeout", "lock"}, or
@@ -249,12 +247,15 @@ class CacheManager:
         """Whether `op` ("get", "fetch", "count", "exists") is cached for `model`."""
         return self.config.is_enabled(model, op)
 
-    def _deliver_invalidation(self, tables: list[Any], rows: list[str] | None) -> None:
+    def _deliver_invalidation(
+        self, tables: list[Any], rows: list[str] | None, keys: list[Any] | None
+    ) -> None:
         bound = self._parts()
         known = set(bound.runtime.databases.identities())
         with contextlib.suppress(CacheUnavailable):  # databases other processes registered
             known.update(bound.runtime.store.members(self.namespace.databases_key))
-        if not bound.invalidator.invalidate_tables(known, tables, rows):
+        raw = None if keys is None else {k if isinstance(k, tuple) else (k,) for k in keys}
+        if not bound.invalidator.invalidate_tables(known, tables, rows, raw):
             raise TransportError("cache backend unreachable; the invalidation is queued")
 
     async def invalidate_all(self) -> None:
@@ -280,6 +281,8 @@ class CacheManager:
         if self._bound is None:
             return
         await self._bound.runtime.background.drain()
+        if self._bound.bridge is not None:  # cashews tags an outage kept
+            await self._bound.bridge.redeliver()
         if self._bound.invalidator.pending:
             try:
                 await greenlet_spawn(self._bound.recovery)
@@ -306,7 +309,12 @@ class CacheManager:
     def stats(self) -> dict[str, Any]:
         """Counters per model and op, invalidations, errors, the circuit breaker and the backend."""
         bound = self._bound
-        return self.counters.report(
+        extra: dict[str, Any] = {}
+        if bound is not None and bound.local_tier is not None:
+            extra["local"] = bound.local_tier.stats()
+        if bound is not None and bound.bridge is not None:
+            extra["cashews"] = bound.bridge.stats()
+        return extra | self.counters.report(
             backend=self.config.backend,
             config_error=self.breaker.config_error,
             prefix=self.config.prefix,

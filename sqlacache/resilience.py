@@ -271,6 +271,9 @@ class GuardedStore:
     ) -> None:
         await self._run_async(lambda: self.raw.bump_async(bump, token, row_ttl_ms, lease_ttl_ms))
 
+    def publish(self, channel: str, message: bytes) -> None:
+        self._run(self.raw.publish, channel, message)
+
     def delete(self, key: str) -> None:
         self._run(self.raw.delete, key)
 
@@ -304,6 +307,7 @@ class Redeliverable(Protocol):
 
     row_ttl_ms: int
     lease_ttl_ms: int
+    local: Any  # the in-process tier, or None
 
     def redeliver(self, send: Callable[[Bump], None]) -> None: ...
 
@@ -340,6 +344,8 @@ class Recovery:
                 bump, new_token(), invalidator.row_ttl_ms, invalidator.lease_ttl_ms
             )
         )
+        if invalidator.local is not None:  # which tokens the redelivery set is unknown here
+            invalidator.local.mirror.drop_tokens()
         for identity in self.identities():  # the registry may have been lost with the data
             store.add_member(self.namespace.databases_key, identity)
 

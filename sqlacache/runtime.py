@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import CacheConfig
 from .database import Databases
@@ -16,6 +16,9 @@ from .keys import Namespace
 from .resilience import GuardedStore
 from .serialize import Serializer
 from .stats import Stats
+
+if TYPE_CHECKING:
+    from .local_tier import LocalTier
 
 
 class Background:
@@ -61,6 +64,8 @@ class Runtime:
     instance_id: int
     databases: Databases = field(default_factory=Databases)
     background: Background = field(default_factory=Background)
+    #: the in-process tier (`local_tier`), where configured
+    local: LocalTier | None = None
 
     @property
     def tx_key(self) -> tuple[str, int]:

@@ -373,10 +373,11 @@ class WriteTracker:
         tx = self._tx(connection, db)
         state = instance_state(target)
         identities = []
+        raw = [tuple(mapper.primary_key_from_instance(target))]
+        if state.key is not None:
+            raw.append(tuple(state.key[1]))  # the old identity, if the pk changed
         try:
-            identities.append(pk_text(mapper.primary_key_from_instance(target)))
-            if state.key is not None:
-                identities.append(pk_text(state.key[1]))  # the old identity, if the pk changed
+            identities = [pk_text(pk) for pk in raw]
         except UnstableValue:
             identities = []
         schema_map = db.schema_map(connection._execution_options)
@@ -388,6 +389,7 @@ class WriteTracker:
             if identities:
                 for identity in identities:
                     frame.add_row(name, identity)
+                frame.raw_rows.setdefault(name, set()).update(raw)  # [cashews bridge]
             else:
                 frame.table_wide.add(name)
             if tx.owner is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import Table
 
@@ -22,6 +23,8 @@ class WriteSet:
     tables: set[str] = field(default_factory=set)  # DML ran: multi-row entries are stale
     table_wide: set[str] = field(default_factory=set)  # rows unknown: `get` entries are stale too
     rows: dict[str, set[str]] = field(default_factory=dict)  # table -> primary-key texts
+    #: table -> primary keys as the values themselves (the cashews bridge's tags use `str()`)
+    raw_rows: dict[str, set[tuple[Any, ...]]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.tables or self.table_wide or self.rows)
@@ -34,6 +37,8 @@ class WriteSet:
         self.table_wide |= other.table_wide
         for table, pks in other.rows.items():
             self.rows.setdefault(table, set()).update(pks)
+        for table, raw in other.raw_rows.items():
+            self.raw_rows.setdefault(table, set()).update(raw)
 
     def minus(self, other: WriteSet) -> WriteSet:
         """What this set holds that `other` does not (for incremental flush-time bumps)."""

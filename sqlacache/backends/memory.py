@@ -119,6 +119,9 @@ class MemoryStore:
     ) -> None:
         self.bump(bump, token, row_ttl_ms, lease_ttl_ms)
 
+    def publish(self, channel: str, message: bytes) -> None:
+        return None  # one process: nobody else to tell
+
     def delete(self, key: str) -> None:
         with self._lock:
             self._drop_entry(key)

@@ -131,7 +131,11 @@ class RedisStore:
         self._sync_lock = threading.Lock()
         from redis.connection import parse_url
 
-        self.database = int(parse_url(backend.url).get("db", 0) or 0)
+        self.database = int(options.get("db") or parse_url(backend.url).get("db", 0) or 0)
+        #: the channel every bump publishes its new tokens on ("" for none; see `local_tier`),
+        #: and the length of the key prefix left out of each message
+        self.channel = ""
+        self.channel_strip = 0
 
     def _client_options(self) -> dict[str, Any]:
         """No client-side retries: a failure is reported at once."""
@@ -271,13 +275,30 @@ class RedisStore:
     async def bump_async(
         self, bump: Bump, token: bytes, row_ttl_ms: int, lease_ttl_ms: int
     ) -> None:
-        await self._lean_script("bump", *bump_arguments(bump, token, row_ttl_ms, lease_ttl_ms))
+        await self._lean_script(
+            "bump", *self._bump_arguments(bump, token, row_ttl_ms, lease_ttl_ms)
+        )
 
     def _bump_with(
         self, client: Any, bump: Bump, token: bytes, row_ttl_ms: int, lease_ttl_ms: int
     ) -> Any:
-        keys, args = bump_arguments(bump, token, row_ttl_ms, lease_ttl_ms)
+        keys, args = self._bump_arguments(bump, token, row_ttl_ms, lease_ttl_ms)
         return self._scripts_of(client)["bump"](keys=keys, args=args, client=client)
+
+    def _bump_arguments(
+        self, bump: Bump, token: bytes, row_ttl_ms: int, lease_ttl_ms: int
+    ) -> tuple[list[str], list[Any]]:
+        keys, args = bump_arguments(bump, token, row_ttl_ms, lease_ttl_ms)
+        return keys, [*args, self.channel, self.channel_strip]
+
+    def publish(self, channel: str, message: bytes) -> None:
+        """One PUBLISH (the cashews bridge tells other processes which tags to delete)."""
+        self._call(lambda c: c.publish(channel, message))
+
+    @property
+    def connection_options(self) -> dict[str, Any]:
+        """The redis-py options this store connects with (the tier's subscriber reuses them)."""
+        return dict(self._options)
 
     def delete(self, key: str) -> None:
         self._call(lambda c: c.unlink(key))
