@@ -487,7 +487,7 @@ async def test_item12_an_acl_denial_that_first_appears_later_is_an_error_in_the_
     server = await start_redis(lab, [])
     admin = await raw_client(server)
     await admin.execute_command(
-        "ACL", "SETUSER", "limited", "on", ">pw", "~*", "+@all", "-evalsha", "-eval"
+        "ACL", "SETUSER", "limited", "on", ">pw", "~*", "&*", "+@all", "-evalsha", "-eval"
     )
     cache = await lab.cache(f"redis://limited:pw@{LOOPBACK}:{server.port}/0")
     await seed(sessions)

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 #: what a user without these cannot do to the cache (for the ACL advice)
-NEEDED_COMMANDS = "PING INFO MGET SET UNLINK SADD SMEMBERS SCAN EVALSHA EVAL"
+NEEDED_COMMANDS = "PING INFO MGET SET UNLINK SADD SMEMBERS SCAN EVALSHA EVAL PUBLISH SUBSCRIBE"
 
 
 def classify_redis_error(
@@ -54,7 +54,8 @@ def _classify_one(error: BaseException, url: str | None, options: Mapping[str, A
     if isinstance(error, exceptions.NoPermissionError) or text.startswith("NOPERM"):
         return (
             f"the Redis ACL user {user!r} of the backend URL may not do what the cache needs "
-            f"({text}): allow it {NEEDED_COMMANDS} on the prefix's keys (ACL SETUSER), or use "
+            f"({text}): allow it {NEEDED_COMMANDS} on the prefix's keys and its "
+            "invalidation channel (ACL SETUSER ... ~prefix:* &prefix:inv:*), or use "
             "another user in the URL"
         )
     if isinstance(error, exceptions.ResponseError):

@@ -175,6 +175,7 @@ class Breaker:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"  # what stats() shows now
                 self.misconfigured(exc)
                 interval = min(interval * 2, self.MAX_PROBE_INTERVAL)
                 delay = interval
