@@ -103,6 +103,10 @@ class BackendConfig:
     scheme: str
     url: str
     options: Mapping[str, Any]
+    #: Redis Cluster: `?cluster=true`, `"cluster": True` or `startup_nodes` in the mapping form
+    cluster: bool = False
+    #: (host, port) of every node given; the URL's own node is the first
+    startup_nodes: tuple[tuple[str, int], ...] = ()
 
     @property
     def is_memory(self) -> bool:
@@ -344,12 +348,26 @@ def _validate_model_key(key: Any) -> None:
 
 
 def parse_backend(backend: Any) -> BackendConfig:
-    """Validate a backend URL (or upstream's mapping with a "url" key) and split off its options."""
+    """Validate a backend URL (or upstream's mapping with a "url" key) and split off its options.
+
+    Redis Cluster: `redis://host:port?cluster=true` (cashews' spelling), `{"url": ...,
+    "cluster": True}`, `{"startup_nodes": [("host", port), ...]}` (tuples or URLs), or a list of
+    node URLs.
+    """
     extra: dict[str, Any] = {}
+    nodes: list[tuple[str, int]] = []
+    if isinstance(backend, list | tuple):
+        backend = {"startup_nodes": list(backend)}
     if isinstance(backend, Mapping):
+        if "startup_nodes" in backend:
+            nodes = _startup_nodes(backend["startup_nodes"])
+            if not backend.get("url"):
+                backend = {**backend, "url": f"redis://{nodes[0][0]}:{nodes[0][1]}"}
         if not backend.get("url"):
-            raise ConfigError("backend mapping needs a non-empty 'url'")
-        extra = {k: v for k, v in backend.items() if k != "url"}
+            raise ConfigError("backend mapping needs a non-empty 'url' (or 'startup_nodes')")
+        extra = {k: v for k, v in backend.items() if k not in ("url", "startup_nodes")}
+        if nodes:
+            extra.setdefault("cluster", True)
         backend = backend["url"]
     if not isinstance(backend, str) or "://" not in backend:
         raise ConfigError(
@@ -379,11 +397,46 @@ def parse_backend(backend: Any) -> BackendConfig:
             parsed[lname] = allowed[lname](value)  # type: ignore[operator]
         except (TypeError, ValueError):
             raise ConfigError(f"backend option {name!r} has an invalid value {value!r}") from None
-    if str(parsed.get("cluster", "")).lower() in ("1", "true", "yes"):
-        raise ConfigError("Redis Cluster URLs are not supported by this version of sqlacache yet")
-    parsed.pop("cluster", None)
+    cluster = str(parsed.pop("cluster", "")).lower() in ("1", "true", "yes")
+    if nodes and not cluster:
+        raise ConfigError("backend 'startup_nodes' name a Redis Cluster; drop 'cluster': False")
     base = parts._replace(query="").geturl()
-    return BackendConfig(scheme=scheme, url=base, options=parsed)
+    if cluster:
+        if parts.path not in ("", "/", "/0"):
+            raise ConfigError(
+                f"backend {backend!r}: a Redis Cluster has only database 0; drop {parts.path!r}"
+            )
+        own = (parts.hostname or "127.0.0.1", parts.port or 6379)
+        nodes = [own, *(node for node in nodes if node != own)]
+    return BackendConfig(
+        scheme=scheme, url=base, options=parsed, cluster=cluster, startup_nodes=tuple(nodes)
+    )
+
+
+def _startup_nodes(nodes: Any) -> list[tuple[str, int]]:
+    """`startup_nodes` as (host, port) pairs; items are pairs or `redis://host:port` URLs."""
+    if isinstance(nodes, str) or not isinstance(nodes, Iterable):
+        raise ConfigError(f"backend 'startup_nodes' must be a list of (host, port), got {nodes!r}")
+    out: list[tuple[str, int]] = []
+    for node in nodes:
+        if isinstance(node, str) and "://" in node:
+            url = urlsplit(node)
+            host, port = url.hostname, url.port or 6379
+        elif isinstance(node, list | tuple) and len(node) == 2:
+            host, port = node
+        else:
+            raise ConfigError(
+                f"backend 'startup_nodes' item {node!r} is neither (host, port) nor a redis:// URL"
+            )
+        if not isinstance(host, str) or not host or isinstance(port, bool):
+            raise ConfigError(f"backend 'startup_nodes' item {node!r} has no valid host")
+        try:
+            out.append((host, int(port)))
+        except (TypeError, ValueError):
+            raise ConfigError(f"backend 'startup_nodes' item {node!r} has no valid port") from None
+    if not out:
+        raise ConfigError("backend 'startup_nodes' is empty: name at least one cluster node")
+    return out
 
 
 def build_config(

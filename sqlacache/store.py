@@ -720,4 +720,8 @@ def make_store(backend: BackendConfig, operation_timeout: float) -> Store:
             size=int(backend.options.get("size", 10_000)),
             max_bytes=int(backend.options.get("max_bytes", 256 * 1024 * 1024)),
         )
+    if backend.cluster:
+        from .cluster_store import ClusterStore
+
+        return ClusterStore(backend, operation_timeout)
     return RedisStore(backend, operation_timeout)

@@ -1,0 +1,729 @@
+"""The shared store on Redis Cluster: the same operations as `RedisStore`, laid out by slot.
+
+Version, lease, epoch and registry keys of a prefix share the hash tag `{prefix}`: they live in one
+slot (the *meta slot*), so the bump script and the version half of a fill stay atomic there.
+Entries (`prefix:e:<digest>`) are spread over the masters by their digest. A hit is one pipelined
+call to at most two nodes, sent to both before either reply is read: `GET` of the entry on its node
+and `MGET` of the versions and leases on the meta node; the caller compares the entry's stamp with
+the versions (that comparison replaces a cross-slot script).
+
+Topology (which master serves which slot) comes from redis-py's `RedisCluster`, which also runs the
+commands off the hot path. The hot commands (fetch, fill, bump) go through sqlacache's own lean
+connections per node, bounded by one operation deadline, following MOVED and ASK redirections and
+retrying TRYAGAIN a few times, never retrying a failure: a dead or silent node raises at once, so the
+circuit breaker sees it, and the next operation refreshes the topology (a replica promoted in the
+meantime is found). A bump is acknowledged only once a replica of the meta slot has it (`WAIT`):
+a master that dies right after a bump cannot take the invalidation with it when its replica is
+promoted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from ._greenlet import await_, in_greenlet
+from .config import BackendConfig
+from .errors import ConfigError
+from .store import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_POOL_TIMEOUT,
+    MIN_CONNECT_TIMEOUT,
+    Bump,
+    Fill,
+    PoolExhausted,
+    _bump_arguments,
+    _Deadline,
+    _glob_escape,
+    _lua,
+    _no_handshake_metadata,
+    _pack,
+)
+
+T = TypeVar("T")
+
+#: Redirections (MOVED, ASK) and TRYAGAIN answers one operation follows before it gives up.
+MAX_REDIRECTS = 5
+#: Pause before repeating a command the cluster answered TRYAGAIN (a slot migrating its keys).
+TRYAGAIN_PAUSE = 0.005
+#: A topology refresh after a failure runs at most this often.
+REFRESH_INTERVAL = 0.25
+_SCRIPTS = ("bump", "fill_versions", "unlock")
+
+
+class ReplicationShortfall(Exception):
+    """A bump reached the master but no replica within the deadline: it may not survive a
+    failover, so it is reported as undelivered (and redelivered)."""
+
+
+class ClusterStore:
+    """The shared store on a Redis Cluster (`redis://host:port?cluster=true`)."""
+
+    kind = "redis-cluster"
+    shared = True
+
+    def __init__(self, backend: BackendConfig, operation_timeout: float) -> None:
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        options: dict[str, Any] = dict(backend.options)
+        options.setdefault("socket_timeout", operation_timeout)
+        options.setdefault("socket_connect_timeout", max(operation_timeout, MIN_CONNECT_TIMEOUT))
+        options.setdefault("health_check_interval", 0)
+        options.setdefault("max_connections", DEFAULT_MAX_CONNECTIONS)
+        options.setdefault("protocol", 2)
+        options.update(_no_handshake_metadata())
+        self.operation_timeout = float(options["socket_timeout"])
+        self._pool_timeout = float(options.pop("pool_timeout", DEFAULT_POOL_TIMEOUT))
+        self._url = backend.url
+        self._startup = list(backend.startup_nodes)
+        self._options = options
+        # No retries beyond redirection: a failure is reported at once; the breaker decides.
+        self._cluster_options: dict[str, Any] = {
+            "decode_responses": False,
+            "retry": Retry(NoBackoff(), 0),
+            "reinitialize_steps": 1,
+            **options,
+        }
+        nodes = [ClusterNode(host, port) for host, port in self._startup]
+        self._client = RedisCluster.from_url(
+            backend.url, startup_nodes=nodes, **self._cluster_options
+        )
+        self._gate = asyncio.Semaphore(int(options["max_connections"]))
+        self._idle: dict[str, list[Any]] = {}  # lean connections per node, last used first
+        self._ready = False
+        self._refresh_due = False
+        self._refreshed_at = 0.0
+        self._refreshing: asyncio.Task[None] | None = None
+        self._sync: Any = None
+        self._sync_scripts: dict[str, Any] = {}
+        self._sources = {name: _lua(f"{name}.lua") for name in _SCRIPTS}
+        self._shas = {name: _sha1(source) for name, source in self._sources.items()}
+        self.database = 0
+        #: a key of the meta slot: set by `bind_namespace`, else learnt from the first operation
+        self.meta_key: str | None = None
+
+    # -- topology -------------------------------------------------------------------------------
+
+    @property
+    def client(self) -> Any:
+        return self._client
+
+    async def _topology(self) -> Any:
+        """The nodes manager, initialised, and refreshed if a failure asked for it."""
+        if not self._ready:
+            await self._client.initialize()
+            self._ready = True
+            self._refreshed_at = time.monotonic()
+        elif self._refresh_due and time.monotonic() - self._refreshed_at > REFRESH_INTERVAL:
+            self._refresh_due = False
+            self._refreshed_at = time.monotonic()
+            await self._client.nodes_manager.initialize()
+        return self._client.nodes_manager
+
+    def _mark_failed(self) -> None:
+        self._refresh_due = True
+
+    def _primary(self, manager: Any, slot: int) -> tuple[str, int]:
+        nodes = manager.slots_cache.get(slot)
+        if not nodes:
+            from redis.exceptions import SlotNotCoveredError
+
+            self._mark_failed()
+            raise SlotNotCoveredError(f"slot {slot} is not covered by the cluster")
+        return nodes[0].host, int(nodes[0].port)
+
+    @staticmethod
+    def _slot(key: str) -> int:
+        from redis.crc import key_slot
+
+        return int(key_slot(key.encode()))
+
+    # -- lean connections -------------------------------------------------------------------------
+
+    async def _enter_gate(self) -> asyncio.Semaphore:
+        gate = self._gate
+        if gate.locked():
+            try:
+                await asyncio.wait_for(gate.acquire(), self._pool_timeout)
+            except asyncio.TimeoutError:
+                raise PoolExhausted(f"no Redis connection within {self._pool_timeout}s") from None
+        else:
+            await gate.acquire()
+        return gate
+
+    async def _connection(self, address: tuple[str, int]) -> Any:
+        name = f"{address[0]}:{address[1]}"
+        idle = self._idle.get(name)
+        while idle:
+            connection = idle.pop()
+            if connection.is_connected:
+                return connection
+        from redis.asyncio.connection import Connection
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        kwargs = {
+            key: value
+            for key, value in self._options.items()
+            if key not in ("max_connections", "socket_timeout")
+        }
+        if self._url.startswith("rediss://"):
+            from redis.asyncio.connection import SSLConnection
+
+            connection_class: Any = SSLConnection
+        else:
+            connection_class = Connection
+        from redis.asyncio.connection import parse_url
+
+        credentials = {
+            key: value
+            for key, value in parse_url(self._url).items()
+            if key in ("username", "password")
+        }
+        connection = connection_class(
+            host=address[0],
+            port=address[1],
+            socket_timeout=None,
+            retry=Retry(NoBackoff(), 0),
+            **credentials,
+            **kwargs,
+        )
+        await connection.connect()
+        return connection
+
+    def _give_back(self, address: tuple[str, int], connection: Any) -> None:
+        self._idle.setdefault(f"{address[0]}:{address[1]}", []).append(connection)
+
+    async def _run(
+        self, requests: Sequence[tuple[str, Sequence[Sequence[Any]]]]
+    ) -> list[list[Any]]:
+        """Run groups of commands, each group routed by its key's slot and sent in one write.
+
+        Every group is sent before any reply is read, so groups on different nodes run
+        concurrently: the whole call costs one round trip. A group answered MOVED, ASK or
+        TRYAGAIN is sent again where the cluster says (ASKING first for ASK), up to
+        MAX_REDIRECTS times. Returns each group's replies in order.
+        """
+        from redis.exceptions import (
+            AskError,
+            MovedError,
+            NoScriptError,
+            ResponseError,
+            TryAgainError,
+        )
+
+        manager = await self._topology()
+        results: list[list[Any] | None] = [None] * len(requests)
+        targets: dict[int, tuple[tuple[str, int], bool]] = {}
+        for index, (key, _) in enumerate(requests):
+            targets[index] = (self._primary(manager, self._slot(key)), False)
+        for _ in range(MAX_REDIRECTS + 1):
+            replies = await self._round([(targets[i], requests[i][1]) for i in sorted(targets)])
+            again: dict[int, tuple[tuple[str, int], bool]] = {}
+            pause = False
+            for index, group_replies in zip(sorted(targets), replies, strict=True):
+                redirect = next(
+                    (r for r in group_replies if isinstance(r, (MovedError, AskError))), None
+                )
+                if isinstance(redirect, MovedError):
+                    await manager.move_slot(redirect)
+                    key = requests[index][0]
+                    again[index] = (self._primary(manager, self._slot(key)), False)
+                elif isinstance(redirect, AskError):
+                    again[index] = ((redirect.host, int(redirect.port)), True)
+                elif any(isinstance(r, TryAgainError) for r in group_replies):
+                    again[index] = targets[index]
+                    pause = True
+                else:
+                    for reply in group_replies:
+                        # NOSCRIPT is left to the caller, which sends the script itself
+                        if isinstance(reply, ResponseError) and not isinstance(
+                            reply, NoScriptError
+                        ):
+                            raise reply
+                    results[index] = group_replies
+            if not again:
+                return [r for r in results if r is not None]
+            targets = again
+            if pause:
+                await asyncio.sleep(TRYAGAIN_PAUSE)
+        from redis.exceptions import ClusterError
+
+        raise ClusterError(f"still redirected after {MAX_REDIRECTS} tries")
+
+    async def _round(
+        self, groups: Sequence[tuple[tuple[tuple[str, int], bool], Sequence[Sequence[Any]]]]
+    ) -> list[list[Any]]:
+        """Send every group on a connection of its node, then read every reply."""
+        from redis.exceptions import ResponseError
+
+        gate = await self._enter_gate()
+        taken: list[tuple[tuple[str, int], Any]] = []
+        try:
+            # connecting has its own timeout; the deadline bounds sending and replies
+            for (address, _), _ in groups:
+                taken.append((address, await self._connection(address)))
+            async with _Deadline(self.operation_timeout, taken[0][1]) as deadline:
+                for ((_, asking), commands), (_, connection) in zip(groups, taken, strict=True):
+                    prefix: tuple[tuple[Any, ...], ...] = (("ASKING",),) if asking else ()
+                    packed = b"".join(_pack(command) for command in (*prefix, *commands))
+                    await connection.send_packed_command(packed, check_health=False)
+                out: list[list[Any]] = []
+                for ((_, asking), commands), (_, connection) in zip(groups, taken, strict=True):
+                    deadline.connection = connection
+                    replies: list[Any] = []
+                    for _ in range(len(commands) + int(asking)):
+                        try:
+                            replies.append(await connection.read_response())
+                        except ResponseError as exc:  # a whole reply: the connection is fine
+                            replies.append(exc)
+                    out.append(replies[int(asking) :])
+        except BaseException:
+            self._mark_failed()
+            for _, connection in taken:
+                with contextlib.suppress(Exception):
+                    await connection.disconnect()
+            raise
+        finally:
+            gate.release()
+        for address, connection in taken:
+            self._give_back(address, connection)
+        return out
+
+    def _call(self, command: Callable[[Any], Awaitable[T]], sync: Callable[[Any], T]) -> T:
+        """Run an off-the-hot-path command on redis-py's cluster client (async or sync)."""
+        if in_greenlet():
+            return await_(self._full(command))
+        return sync(self._sync_client())
+
+    async def _full(self, command: Callable[[Any], Awaitable[T]]) -> T:
+        await self._topology()
+        gate = await self._enter_gate()
+        try:
+            return await command(self._client)
+        except BaseException:
+            self._mark_failed()
+            raise
+        finally:
+            gate.release()
+
+    def _sync_client(self) -> Any:
+        if self._sync is None:
+            from redis.cluster import ClusterNode, RedisCluster
+
+            options = {
+                k: v
+                for k, v in self._cluster_options.items()
+                if k not in ("retry", "max_connections")
+            }
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+
+            self._sync = RedisCluster.from_url(
+                self._url,
+                startup_nodes=[ClusterNode(host, port) for host, port in self._startup],
+                retry=Retry(NoBackoff(), 0),
+                **options,
+            )
+            self._sync_scripts = {
+                name: self._sync.register_script(source) for name, source in self._sources.items()
+            }
+        return self._sync
+
+    # -- the operations ---------------------------------------------------------------------------
+
+    def fetch(self, keys: Sequence[str]) -> list[bytes | None]:
+        if in_greenlet():
+            return await_(self.fetch_async(keys))
+        # the sync cluster client pipelines no multi-key command: two round trips here
+        client = self._sync_client()
+        entry = client.get(keys[0])
+        return [entry, *(client.mget(list(keys[1:])) if len(keys) > 1 else [])]
+
+    async def fetch_async(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The entry (keys[0]) from its node and the meta keys (keys[1:], one slot) from the
+        meta node, in one round trip."""
+        if len(keys) == 1:
+            (entry,) = await self._run([(keys[0], [("GET", keys[0])])])
+            return [entry[0]]
+        if self.meta_key is None:
+            self.meta_key = keys[1]
+        entry, meta = await self._run(
+            [(keys[0], [("GET", keys[0])]), (keys[1], [("MGET", *keys[1:])])]
+        )
+        return [entry[0], *meta[0]]
+
+    def store(self, fill: Fill) -> None:
+        if in_greenlet():
+            await_(self.store_async(fill))
+            return
+        keys, args = _versions_arguments(fill)
+        client = self._sync_client()
+        valid = 1
+        if keys:
+            valid = int(self._sync_scripts["fill_versions"](keys=keys, args=args))
+        if valid:
+            client.set(fill.entry_key, fill.value, px=fill.ttl_ms)
+
+    async def store_async(self, fill: Fill) -> None:
+        """A fill in two steps, where a single Redis runs one script (lua/fill.lua).
+
+        First the version half (lua/fill_versions.lua) on the meta slot, atomically: it creates
+        the versions the entry's stamp names and answers whether every one now holds the token
+        the entry was stamped with. Then, only if so, the entry is SET with its TTL on its own
+        node. This is as safe as the single script: a reader serves an entry only if its stamp
+        equals the versions it reads in the same fetch, so an entry written after a concurrent
+        bump (between the two steps, or at any time) carries the old tokens and never validates.
+        Versions are written before the entry, so a reader never finds the entry without them
+        (and if it did, a missing version never validates). Row versions the script creates or
+        raises outlive the entry by ROW_VERSION_MARGIN_MS, far more than the gap between steps.
+        """
+        keys, args = _versions_arguments(fill)
+        if keys:
+            meta_key = keys[0]
+            (replies,) = await self._run([(meta_key, [self._evalsha("fill_versions", keys, args)])])
+            valid = await self._script_reply(meta_key, "fill_versions", keys, args, replies[0])
+            if not valid:
+                return
+        await self._run(
+            [(fill.entry_key, [("SET", fill.entry_key, fill.value, "PX", fill.ttl_ms)])]
+        )
+
+    def _evalsha(self, name: str, keys: list[str], args: list[Any]) -> tuple[Any, ...]:
+        return ("EVALSHA", self._shas[name], len(keys), *keys, *args)
+
+    async def _script_reply(
+        self, key: str, name: str, keys: list[str], args: list[Any], reply: Any
+    ) -> Any:
+        """A script's reply; EVAL once if the node lost its scripts (a restart, a new master)."""
+        from redis.exceptions import NoScriptError
+
+        if not isinstance(reply, NoScriptError):
+            return reply
+        (replies,) = await self._run(
+            [(key, [("EVAL", self._sources[name], len(keys), *keys, *args)])]
+        )
+        return replies[0]
+
+    def bump(self, bump: Bump, token: bytes, row_ttl_ms: int, lease_ttl_ms: int) -> None:
+        if in_greenlet():
+            await_(self.bump_async(bump, token, row_ttl_ms, lease_ttl_ms))
+            return
+        keys, args = _bump_arguments(bump, token, row_ttl_ms, lease_ttl_ms)
+        client = self._sync_client()
+        node = client.get_node_from_key(keys[0])
+        connection = client.get_redis_connection(node)
+        pipe = connection.pipeline(transaction=False)
+        self._sync_scripts["bump"](keys=keys, args=args, client=pipe)
+        replicas = self._replica_count_sync(client, keys[0])
+        if replicas:
+            pipe.execute_command("WAIT", replicas, self._wait_ms())
+        replies = pipe.execute()
+        if replicas and int(replies[-1]) < replicas:
+            raise ReplicationShortfall(f"bump reached {replies[-1]} of {replicas} replicas")
+
+    async def bump_async(
+        self, bump: Bump, token: bytes, row_ttl_ms: int, lease_ttl_ms: int
+    ) -> None:
+        """lua/bump.lua on the meta slot (it touches only version and lease keys), then WAIT on
+        the same connection: acknowledged once a replica of the meta slot holds it."""
+        keys, args = _bump_arguments(bump, token, row_ttl_ms, lease_ttl_ms)
+        if self.meta_key is None:
+            self.meta_key = keys[0]
+        manager = await self._topology()
+        replicas = min(1, len(manager.slots_cache.get(self._slot(keys[0])) or ()) - 1)
+        commands: list[tuple[Any, ...]] = [self._evalsha("bump", keys, args)]
+        if replicas > 0:
+            commands.append(("WAIT", replicas, self._wait_ms()))
+        (replies,) = await self._run([(keys[0], commands)])
+        from redis.exceptions import NoScriptError
+
+        if isinstance(replies[0], NoScriptError):
+            commands[0] = ("EVAL", self._sources["bump"], len(keys), *keys, *args)
+            (replies,) = await self._run([(keys[0], commands)])
+        if replicas > 0 and int(replies[-1]) < replicas:
+            self._mark_failed()  # a failed replica drops out of the topology once refreshed
+            raise ReplicationShortfall(f"bump reached {replies[-1]} of {replicas} replicas")
+
+    def _wait_ms(self) -> int:
+        return max(1, int(self.operation_timeout * 1000))
+
+    @staticmethod
+    def _replica_count_sync(client: Any, key: str) -> int:
+        nodes = client.nodes_manager.slots_cache.get(client.keyslot(key)) or []
+        return min(1, len(nodes) - 1)
+
+    def delete(self, key: str) -> None:
+        self._call(lambda c: c.unlink(key), lambda c: c.unlink(key))
+
+    def try_lock(self, key: str, token: bytes, ttl_ms: int) -> bool:
+        return bool(
+            self._call(
+                lambda c: c.set(key, token, nx=True, px=ttl_ms),
+                lambda c: c.set(key, token, nx=True, px=ttl_ms),
+            )
+        )
+
+    def unlock(self, key: str, token: bytes) -> None:
+        source = self._sources["unlock"]
+        self._call(
+            lambda c: c.eval(source, 1, key, token),
+            lambda c: self._sync_scripts["unlock"](keys=[key], args=[token]),
+        )
+
+    def add_member(self, key: str, member: str) -> None:
+        self._call(lambda c: c.sadd(key, member), lambda c: c.sadd(key, member))
+
+    def warm_up(self) -> None:
+        """Learn the topology and open a connection to every master now."""
+        if in_greenlet():
+            await_(self._warm_up_async())
+        else:
+            self._sync_client().ping(target_nodes="primaries")
+
+    async def _warm_up_async(self) -> None:
+        manager = await self._topology()
+        addresses = {
+            (n.host, int(n.port))
+            for n in manager.nodes_cache.values()
+            if n.server_type == "primary"
+        }
+        await self._round([((address, False), [("PING",)]) for address in sorted(addresses)])
+
+    def members(self, key: str) -> list[str]:
+        raw = self._call(lambda c: c.smembers(key), lambda c: c.smembers(key))
+        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in raw)
+
+    def delete_entries(self, pattern_prefix: str) -> int:
+        """SCAN every master (entries are spread over all of them) and unlink what matches."""
+        match = _glob_escape(pattern_prefix) + "*"
+        if in_greenlet():
+            return await_(self._full(lambda c: _delete_matching_async(c, match)))
+        client = self._sync_client()
+        deleted = 0
+        for key in list(client.scan_iter(match=match, count=1000)):
+            deleted += client.unlink(key)
+        return deleted
+
+    def count_keys(self, pattern_prefix: str) -> int:
+        match = _glob_escape(pattern_prefix) + "*"
+        if in_greenlet():
+            return await_(self._full(lambda c: _count_matching_async(c, match)))
+        return sum(1 for _ in self._sync_client().scan_iter(match=match, count=1000))
+
+    def ping(self) -> None:
+        """Every master answers, after a topology refresh: the breaker's probe closes only once
+        each slot has a live master again (a failed one replaced by its replica)."""
+        if in_greenlet():
+            await_(self._ping_async())
+        else:
+            client = self._sync_client()
+            client.nodes_manager.initialize()
+            client.ping(target_nodes="primaries")
+
+    async def _ping_async(self) -> None:
+        self._refresh_due = True
+        self._refreshed_at = 0.0
+        manager = await self._topology()
+        addresses = {tuple(nodes[0].name.rsplit(":", 1)) for nodes in manager.slots_cache.values()}
+        await self._round(
+            [(((host, int(port)), False), [("PING",)]) for host, port in sorted(addresses)]
+        )
+
+    def server_id(self) -> str | None:
+        """The run id of the master serving the meta slot.
+
+        Only that master's data can validate entries: an entry lost on another master is a miss,
+        and one restored there from an old snapshot carries a stamp that current versions never
+        match. When the meta slot's master changes (a failover, clean or not, or a restart from
+        a snapshot), the namespace moves to a new epoch, once: a failover that lost the last
+        writes of the old master (Redis replicates asynchronously) cannot then revive a version
+        that a bump had replaced. Failovers of the other masters move nothing.
+        """
+        if self.meta_key is None:
+            return None  # no meta key seen yet: nothing to compare with
+        if in_greenlet():
+            return await_(self._server_id_async(self.meta_key))
+        client = self._sync_client()
+        node = client.get_node_from_key(self.meta_key)
+        info = client.get_redis_connection(node).info("server")
+        run_id = info.get("run_id") if isinstance(info, dict) else None
+        return None if run_id is None else str(run_id)
+
+    async def _server_id_async(self, key: str) -> str | None:
+        (replies,) = await self._run([(key, [("INFO", "server")])])
+        raw = replies[0]
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        for line in text.splitlines():
+            if line.startswith("run_id:"):
+                return line.split(":", 1)[1].strip()
+        return None
+
+    def bind_namespace(self, meta_key: str) -> None:
+        """Name a key of the meta slot (e.g. the epoch key), so that `server_id` knows which
+        master to ask before the first operation names one."""
+        self.meta_key = meta_key
+
+    def check_config(self) -> None:
+        """Raise `ConfigError` if the server named by the URL is not a cluster node; None if it
+        is, or if it cannot be reached (that is an outage, reported by the breaker)."""
+        if in_greenlet():
+            await_(self._check_config_async())
+        else:
+            import redis
+
+            host, port = self._startup[0]
+            client = redis.Redis(host=host, port=port, **_plain_options(self._options, self._url))
+            try:
+                _require_cluster(_cluster_enabled(client.info("cluster")), self._url, True)
+            except redis.ConnectionError:
+                return
+            except redis.TimeoutError:
+                return
+            finally:
+                client.close()
+
+    async def _check_config_async(self) -> None:
+        import redis.asyncio as aioredis
+        from redis.exceptions import ConnectionError, TimeoutError
+
+        host, port = self._startup[0]
+        client = aioredis.Redis(host=host, port=port, **_plain_options(self._options, self._url))
+        try:
+            info = await client.info("cluster")
+        except (ConnectionError, TimeoutError):
+            return
+        finally:
+            await client.aclose()
+        _require_cluster(_cluster_enabled(info), self._url, True)
+
+    def close(self) -> None:
+        if self._sync is not None:
+            with contextlib.suppress(Exception):
+                self._sync.close()
+            self._sync = None
+        if in_greenlet():
+            await_(self.aclose())
+
+    async def aclose(self) -> None:
+        if self._sync is not None:
+            with contextlib.suppress(Exception):
+                self._sync.close()
+            self._sync = None
+        idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for connection in connections:
+                with contextlib.suppress(Exception):
+                    await connection.disconnect()
+        with contextlib.suppress(Exception):
+            await self._client.aclose()
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _sha1(source: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(source.encode()).hexdigest()
+
+
+def _versions_arguments(fill: Fill) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of lua/fill_versions.lua (no KEYS when the fill initialises nothing)."""
+    keys: list[str] = []
+    args: list[Any] = [
+        len(fill.init_rows),
+        len(fill.init),
+        fill.extend_ms,
+        1 if fill.init_rows and fill.guard_rows() else 0,
+    ]
+    for key, token, guard, seen, planned in fill.init_rows:
+        keys += (key, guard)
+        args += (token, seen or b"", planned)
+    keys += [key for key, _, _ in fill.init]
+    args += [token for _, token, _ in fill.init]
+    keys += fill.extend
+    return keys, args
+
+
+async def _delete_matching_async(client: Any, match: str) -> int:
+    deleted = 0
+    batch: list[bytes] = []
+    async for key in client.scan_iter(match=match, count=1000):
+        batch.append(key)
+        if len(batch) >= 500:
+            deleted += await client.unlink(*batch)
+            batch.clear()
+    if batch:
+        deleted += await client.unlink(*batch)
+    return int(deleted)
+
+
+async def _count_matching_async(client: Any, match: str) -> int:
+    return len([k async for k in client.scan_iter(match=match, count=1000)])
+
+
+def _plain_options(options: dict[str, Any], url: str) -> dict[str, Any]:
+    from redis.connection import parse_url
+
+    keep = ("socket_timeout", "socket_connect_timeout", "protocol")
+    out = {k: v for k, v in options.items() if k in keep}
+    out.update({k: v for k, v in parse_url(url).items() if k in ("username", "password")})
+    if url.startswith("rediss://"):
+        out["ssl"] = True
+    return out
+
+
+def _cluster_enabled(info: Any) -> bool:
+    return (
+        str(info.get("cluster_enabled", 0)) in ("1", "True", "true")
+        if isinstance(info, dict)
+        else False
+    )
+
+
+def _require_cluster(enabled: bool, url: str, wanted: bool) -> None:
+    if enabled == wanted:
+        return
+    if wanted:
+        raise ConfigError(
+            f"backend {url!r} asks for Redis Cluster (cluster=true), but that server is not a "
+            "cluster node (cluster_enabled:0): drop '?cluster=true' or point it at a cluster node"
+        )
+    raise ConfigError(
+        f"backend {url!r}: that Redis server has cluster mode enabled, use "
+        "'?cluster=true' (or the mapping form with 'startup_nodes')"
+    )
+
+
+def check_config(store: Any) -> None:
+    """Raise `ConfigError` when the backend's cluster mode contradicts the configuration.
+
+    For a `ClusterStore`, the server must be a cluster node; for a plain `RedisStore`, it must
+    not be one (a cluster node answers MOVED for most keys). None when it agrees, for `mem://`,
+    and when the server cannot be reached (an outage, not a mistake). Meant to run at `bind()`,
+    outside the circuit breaker, so that the `ConfigError` reaches the caller.
+    """
+    own = getattr(store, "check_config", None)
+    if own is not None:
+        own()
+        return
+    client = getattr(store, "client", None)
+    if client is None or not getattr(store, "shared", False):
+        return
+    from redis.exceptions import ConnectionError, TimeoutError
+
+    url = str(getattr(store, "_url", "redis://"))
+    try:
+        if in_greenlet():
+            info = await_(client.info("cluster"))
+        else:
+            info = store._sync_client().info("cluster")
+    except (ConnectionError, TimeoutError):
+        return
+    _require_cluster(_cluster_enabled(info), url, False)
