@@ -341,6 +341,18 @@ class LocalCluster:
         self._spawn(node)
         self._wait_ping(node, timeout)
         self.wait_ok(timeout)
+        self._wait_synced(port, timeout)
+
+    def _wait_synced(self, port: int, timeout: float) -> None:
+        """Until the node, back as a replica, has finished its sync with its master."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ClusterUnavailable):
+                info = self.info(port, "replication")
+                if info.get("role") == "master" or info.get("master_link_status") == "up":
+                    return
+            time.sleep(0.05)
+        raise ClusterUnavailable(f"node {port} did not finish syncing within {timeout}s")
 
     def _wait_role(self, port: int, role: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout

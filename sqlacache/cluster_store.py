@@ -104,7 +104,7 @@ class ClusterStore:
         self._sources = {name: _lua(f"{name}.lua") for name in _SCRIPTS}
         self._shas = {name: _sha1(source) for name, source in self._sources.items()}
         self.database = 0
-        #: a key of the meta slot: set by `bind_namespace`, else learnt from the first operation
+        #: a key of the meta slot, named by `bind_namespace`
         self.meta_key: str | None = None
 
     # -- topology -------------------------------------------------------------------------------
@@ -127,6 +127,11 @@ class ClusterStore:
 
     def _mark_failed(self) -> None:
         self._refresh_due = True
+
+    def _refresh_now(self) -> None:
+        """The next operation reloads the topology whatever the rate limit says."""
+        self._refresh_due = True
+        self._refreshed_at = 0.0
 
     def _primary(self, manager: Any, slot: int) -> tuple[str, int]:
         nodes = manager.slots_cache.get(slot)
@@ -351,8 +356,6 @@ class ClusterStore:
         if len(keys) == 1:
             (entry,) = await self._run([(keys[0], [("GET", keys[0])])])
             return [entry[0]]
-        if self.meta_key is None:
-            self.meta_key = keys[1]
         entry, meta = await self._run(
             [(keys[0], [("GET", keys[0])]), (keys[1], [("MGET", *keys[1:])])]
         )
@@ -433,8 +436,6 @@ class ClusterStore:
         """lua/bump.lua on the meta slot (it touches only version and lease keys), then WAIT on
         the same connection: acknowledged once a replica of the meta slot holds it."""
         keys, args = _bump_arguments(bump, token, row_ttl_ms, lease_ttl_ms)
-        if self.meta_key is None:
-            self.meta_key = keys[0]
         manager = await self._topology()
         replicas = min(1, len(manager.slots_cache.get(self._slot(keys[0])) or ()) - 1)
         commands: list[tuple[Any, ...]] = [self._evalsha("bump", keys, args)]
@@ -527,8 +528,7 @@ class ClusterStore:
             client.ping(target_nodes="primaries")
 
     async def _ping_async(self) -> None:
-        self._refresh_due = True
-        self._refreshed_at = 0.0
+        self._refresh_now()
         manager = await self._topology()
         addresses = {tuple(nodes[0].name.rsplit(":", 1)) for nodes in manager.slots_cache.values()}
         await self._round(
@@ -536,37 +536,44 @@ class ClusterStore:
         )
 
     def server_id(self) -> str | None:
-        """The run id of the master serving the meta slot.
+        """An identity of the cluster's data that changes when a master restarted or was
+        replaced: then the namespace moves to a new epoch (the manager compares identities).
 
-        Only that master's data can validate entries: an entry lost on another master is a miss,
-        and one restored there from an old snapshot carries a stamp that current versions never
-        match. When the meta slot's master changes (a failover, clean or not, or a restart from
-        a snapshot), the namespace moves to a new epoch, once: a failover that lost the last
-        writes of the old master (Redis replicates asynchronously) cannot then revive a version
-        that a bump had replaced. Failovers of the other masters move nothing.
+        Only the master of the meta slot holds data that can validate entries: an entry lost on
+        another master is a miss, and one restored there from an old snapshot carries a stamp that
+        current versions never match. So once `bind_namespace` named the meta slot, the identity
+        is that master's run id, and failovers of the other masters move nothing. Without it,
+        the identity is the run ids of every master: any failover or restart then costs one epoch
+        move (every entry misses once), never a stale read. A clean failover of the meta slot's
+        master also moves the epoch once; that is what makes an unclean one safe, where the
+        replica may lack the old master's last writes (bumps themselves wait for a replica).
         """
-        if self.meta_key is None:
-            return None  # no meta key seen yet: nothing to compare with
         if in_greenlet():
-            return await_(self._server_id_async(self.meta_key))
+            return await_(self._server_id_async())
         client = self._sync_client()
-        node = client.get_node_from_key(self.meta_key)
-        info = client.get_redis_connection(node).info("server")
-        run_id = info.get("run_id") if isinstance(info, dict) else None
-        return None if run_id is None else str(run_id)
+        client.nodes_manager.initialize()  # who is master now, not who was
+        if self.meta_key is not None:
+            node = client.get_node_from_key(self.meta_key)
+            return _run_id(client.get_redis_connection(node).info("server"))
+        replies = client.info("server", target_nodes="primaries")
+        infos = replies.values() if "run_id" not in replies else [replies]
+        return _joined(_run_id(info) for info in infos)
 
-    async def _server_id_async(self, key: str) -> str | None:
-        (replies,) = await self._run([(key, [("INFO", "server")])])
-        raw = replies[0]
-        text = raw.decode() if isinstance(raw, bytes) else str(raw)
-        for line in text.splitlines():
-            if line.startswith("run_id:"):
-                return line.split(":", 1)[1].strip()
-        return None
+    async def _server_id_async(self) -> str | None:
+        self._refresh_now()  # who is master now, not who was
+        if self.meta_key is not None:
+            (replies,) = await self._run([(self.meta_key, [("INFO", "server")])])
+            return _run_id(replies[0])
+        manager = await self._topology()
+        primaries = sorted({(n[0].host, int(n[0].port)) for n in manager.slots_cache.values()})
+        replies = await self._round(
+            [((address, False), [("INFO", "server")]) for address in primaries]
+        )
+        return _joined(_run_id(reply[0]) for reply in replies)
 
     def bind_namespace(self, meta_key: str) -> None:
-        """Name a key of the meta slot (e.g. the epoch key), so that `server_id` knows which
-        master to ask before the first operation names one."""
+        """Name a key of the meta slot (e.g. the namespace's epoch key): `server_id` then follows
+        only that slot's master. Call it once, before the first `server_id`."""
         self.meta_key = meta_key
 
     def check_config(self) -> None:
@@ -631,6 +638,23 @@ def _sha1(source: str) -> str:
     import hashlib
 
     return hashlib.sha1(source.encode()).hexdigest()
+
+
+def _run_id(info: Any) -> str | None:
+    """The run_id in an INFO reply (parsed into a dict, or raw text)."""
+    if isinstance(info, dict):
+        value = info.get("run_id")
+        return None if value is None else str(value)
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    for line in text.splitlines():
+        if line.startswith("run_id:"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def _joined(run_ids: Any) -> str | None:
+    ids = list(run_ids)
+    return None if not ids or None in ids else ",".join(sorted(ids))
 
 
 def _versions_arguments(fill: Fill) -> tuple[list[str], list[Any]]:
