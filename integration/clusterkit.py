@@ -138,6 +138,9 @@ class LocalCluster:
             # a replica may take over however long ago it last heard from its master
             "--cluster-replica-validity-factor",
             "0",
+            # DEBUG SLEEP makes a node silent for a while (a blackhole) in the soak test
+            "--enable-debug-command",
+            "local",
             "--dir",
             str(node.directory),
             "--save",
@@ -399,6 +402,10 @@ class LocalCluster:
             self.node_ok(port, "cluster", "setslot", str(slot), "node", ids[target_port])
         self.wait_ok()
         return moved
+
+    def silence(self, port: int, seconds: float) -> None:
+        """The node answers nothing for `seconds` (keep it below NODE_TIMEOUT_MS: no failover)."""
+        self.node_cli(port, "debug", "sleep", str(seconds), timeout=seconds + 10)
 
     def flushall(self) -> None:
         for port in self.masters():

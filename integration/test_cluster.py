@@ -443,3 +443,32 @@ async def test_server_identity_follows_master_changes(redis_cluster) -> None:
         await meta.aclose()
         store.close()
         meta.close()
+
+
+async def test_a_commit_between_the_two_halves_of_a_fill_leaves_nothing_stale(
+    make_cache, sessions
+) -> None:
+    """The fill is split at the slot boundary (versions, then the entry): a writer committing
+    in between makes the entry's stamp outdated before it lands, so it is never served."""
+    cache = await make_cache()
+    await seed(sessions, 1)
+    store = cache.store
+    assert isinstance(store, ClusterStore)
+    original = store._run
+    fired: list[bool] = []
+
+    async def interleaved(requests: Any) -> Any:
+        entry_write = any(cmd[0] == "SET" for _, cmds in requests for cmd in cmds)
+        if entry_write and not fired:
+            fired.append(True)
+            async with sessions() as s:
+                (await s.get(User, 1)).name = "1:1"
+                await s.commit()
+        return await original(requests)
+
+    store._run = interleaved  # type: ignore[method-assign]
+    assert await get_name(sessions, 1) == "1:0"  # a miss, its fill held at the entry's SET
+    await cache.flush_pending()
+    assert fired, "the fill reached its second half"
+    assert await get_name(sessions, 1) == "1:1"
+    assert await get_name(sessions, 1) == "1:1"

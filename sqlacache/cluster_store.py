@@ -205,7 +205,7 @@ class ClusterStore:
         self._idle.setdefault(f"{address[0]}:{address[1]}", []).append(connection)
 
     async def _run(
-        self, requests: Sequence[tuple[str, Sequence[Sequence[Any]]]]
+        self, requests: Sequence[tuple[str, Sequence[Sequence[Any]]]], extra: float = 0.0
     ) -> list[list[Any]]:
         """Run groups of commands, each group routed by its key's slot and sent in one write.
 
@@ -228,7 +228,9 @@ class ClusterStore:
         for index, (key, _) in enumerate(requests):
             targets[index] = (self._primary(manager, self._slot(key)), False)
         for _ in range(MAX_REDIRECTS + 1):
-            replies = await self._round([(targets[i], requests[i][1]) for i in sorted(targets)])
+            replies = await self._round(
+                [(targets[i], requests[i][1]) for i in sorted(targets)], extra
+            )
             again: dict[int, tuple[tuple[str, int], bool]] = {}
             pause = False
             for index, group_replies in zip(sorted(targets), replies, strict=True):
@@ -262,9 +264,12 @@ class ClusterStore:
         raise ClusterError(f"still redirected after {MAX_REDIRECTS} tries")
 
     async def _round(
-        self, groups: Sequence[tuple[tuple[tuple[str, int], bool], Sequence[Sequence[Any]]]]
+        self,
+        groups: Sequence[tuple[tuple[tuple[str, int], bool], Sequence[Sequence[Any]]]],
+        extra: float = 0.0,
     ) -> list[list[Any]]:
-        """Send every group on a connection of its node, then read every reply."""
+        """Send every group on a connection of its node, then read every reply, within one
+        operation timeout (plus `extra`: the time a WAIT may take on the server)."""
         from redis.exceptions import ResponseError
 
         gate = await self._enter_gate()
@@ -273,7 +278,7 @@ class ClusterStore:
             # connecting has its own timeout; the deadline bounds sending and replies
             for (address, _), _ in groups:
                 taken.append((address, await self._connection(address)))
-            async with _Deadline(self.operation_timeout, taken[0][1]) as deadline:
+            async with _Deadline(self.operation_timeout + extra, taken[0][1]) as deadline:
                 for ((_, asking), commands), (_, connection) in zip(groups, taken, strict=True):
                     prefix: tuple[tuple[Any, ...], ...] = (("ASKING",),) if asking else ()
                     packed = b"".join(_pack(command) for command in (*prefix, *commands))
@@ -424,8 +429,8 @@ class ClusterStore:
         pipe = connection.pipeline(transaction=False)
         self._sync_scripts["bump"](keys=keys, args=args, client=pipe)
         replicas = self._replica_count_sync(client, keys[0])
-        if replicas:
-            pipe.execute_command("WAIT", replicas, self._wait_ms())
+        if replicas:  # within the sync client's socket timeout, which bounds the whole reply
+            pipe.execute_command("WAIT", replicas, max(1, self._wait_ms() * 3 // 4))
         replies = pipe.execute()
         if replicas and int(replies[-1]) < replicas:
             raise ReplicationShortfall(f"bump reached {replies[-1]} of {replicas} replicas")
@@ -441,12 +446,13 @@ class ClusterStore:
         commands: list[tuple[Any, ...]] = [self._evalsha("bump", keys, args)]
         if replicas > 0:
             commands.append(("WAIT", replicas, self._wait_ms()))
-        (replies,) = await self._run([(keys[0], commands)])
+        wait = self._wait_ms() / 1000 if replicas > 0 else 0.0
+        (replies,) = await self._run([(keys[0], commands)], wait)
         from redis.exceptions import NoScriptError
 
         if isinstance(replies[0], NoScriptError):
             commands[0] = ("EVAL", self._sources["bump"], len(keys), *keys, *args)
-            (replies,) = await self._run([(keys[0], commands)])
+            (replies,) = await self._run([(keys[0], commands)], wait)
         if replicas > 0 and int(replies[-1]) < replicas:
             self._mark_failed()  # a failed replica drops out of the topology once refreshed
             raise ReplicationShortfall(f"bump reached {replies[-1]} of {replicas} replicas")
