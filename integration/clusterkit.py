@@ -325,13 +325,19 @@ class LocalCluster:
         self.wait_ok(timeout)
         return replica
 
-    def kill_master(self, master_port: int, timeout: float = 30.0) -> int:
-        """SIGKILL a master and wait until its replica is promoted. Returns the new master."""
+    def kill_master(self, master_port: int, timeout: float = 30.0, wait: bool = True) -> int:
+        """SIGKILL a master and (with `wait`) wait until its replica is promoted. Returns the
+        replica (the new master once promoted)."""
         replica = self.replica_of(master_port)
         node = next(n for n in self.nodes if n.port == master_port)
         assert node.process is not None
         node.process.send_signal(signal.SIGKILL)
         node.process.wait(timeout=10)
+        if wait:
+            self.wait_promoted(replica, timeout)
+        return replica
+
+    def wait_promoted(self, replica: int, timeout: float = 30.0) -> int:
         self._wait_role(replica, "master", timeout)
         self.wait_ok(timeout)
         return replica

@@ -472,3 +472,46 @@ async def test_a_commit_between_the_two_halves_of_a_fill_leaves_nothing_stale(
     assert fired, "the fill reached its second half"
     assert await get_name(sessions, 1) == "1:1"
     assert await get_name(sessions, 1) == "1:1"
+
+
+async def test_a_dead_entry_master_costs_its_entries_not_the_invalidations(
+    make_cache, sessions, sql, redis_cluster
+) -> None:
+    """While a master holding entries is down (before its replica takes over), reads of its
+    entries are misses served by the database, and commits still invalidate on the meta node:
+    the breaker stays closed, nothing is queued, nothing is stale."""
+    cache = await make_cache()
+    await seed(sessions, 12)
+    meta_master = redis_cluster.master_of_slot(meta_slot(cache, redis_cluster))
+    where: dict[int, int] = {}  # pk -> the master holding its get entry
+    seen: set[str] = set()
+    for pk in range(1, 13):
+        await get_name(sessions, pk)
+        await cache.flush_pending()
+        for key in await _entry_keys(redis_cluster, cache.config.prefix):
+            if key not in seen:
+                seen.add(key)
+                where[pk] = redis_cluster.master_of_slot(redis_cluster.keyslot(key))
+    victim = next(port for port in where.values() if port != meta_master)
+    on_victim = [pk for pk, port in where.items() if port == victim]
+    replica = redis_cluster.kill_master(victim, wait=False)
+    try:
+        # only rows whose entries were on the dead master: every fetch touches it
+        for round_ in range(1, 4):
+            for pk in on_victim:
+                assert await get_name(sessions, pk) == f"{pk}:{round_ - 1}"
+                async with sessions() as s:
+                    (await s.get(User, pk)).name = f"{pk}:{round_}"
+                    await s.commit()
+                assert await get_name(sessions, pk) == f"{pk}:{round_}"
+        stats = cache.stats()
+        assert stats["undelivered_invalidations"] == 0
+        assert stats["circuit_breaker"]["state"] == "closed"
+        sql.reset()
+        await cache.flush_pending()
+        await get_name(sessions, 1)
+        await get_name(sessions, 1)
+        assert sql.selects <= 2  # entries on live masters still hit
+    finally:
+        await asyncio.to_thread(redis_cluster.wait_promoted, replica)
+        await asyncio.to_thread(redis_cluster.restart_node, victim)

@@ -49,6 +49,8 @@ T = TypeVar("T")
 MAX_REDIRECTS = 5
 #: Pause before repeating a command the cluster answered TRYAGAIN (a slot migrating its keys).
 TRYAGAIN_PAUSE = 0.005
+#: How long an entry node that failed is skipped (its reads are misses, its fills dropped).
+NODE_DOWN_SECONDS = 0.5
 #: A topology refresh after a failure runs at most this often.
 REFRESH_INTERVAL = 0.25
 _SCRIPTS = ("bump", "fill_versions", "unlock")
@@ -98,7 +100,8 @@ class ClusterStore:
         self._ready = False
         self._refresh_due = False
         self._refreshed_at = 0.0
-        self._refreshing: asyncio.Task[None] | None = None
+        self._down: dict[tuple[str, int], float] = {}  # entry nodes skipped until then
+        self._meta_slot: int | None = None  # learnt from the first operation naming meta keys
         self._sync: Any = None
         self._sync_scripts: dict[str, Any] = {}
         self._sources = {name: _lua(f"{name}.lua") for name in _SCRIPTS}
@@ -274,17 +277,25 @@ class ClusterStore:
 
         gate = await self._enter_gate()
         taken: list[tuple[tuple[str, int], Any]] = []
+        current: tuple[str, int] | None = None  # the node a failure is blamed on
         try:
             # connecting has its own timeout; the deadline bounds sending and replies
             for (address, _), _ in groups:
+                current = address
                 taken.append((address, await self._connection(address)))
             async with _Deadline(self.operation_timeout + extra, taken[0][1]) as deadline:
-                for ((_, asking), commands), (_, connection) in zip(groups, taken, strict=True):
+                for ((address, asking), commands), (_, connection) in zip(
+                    groups, taken, strict=True
+                ):
+                    current = address
                     prefix: tuple[tuple[Any, ...], ...] = (("ASKING",),) if asking else ()
                     packed = b"".join(_pack(command) for command in (*prefix, *commands))
                     await connection.send_packed_command(packed, check_health=False)
                 out: list[list[Any]] = []
-                for ((_, asking), commands), (_, connection) in zip(groups, taken, strict=True):
+                for ((address, asking), commands), (_, connection) in zip(
+                    groups, taken, strict=True
+                ):
+                    current = address
                     deadline.connection = connection
                     replies: list[Any] = []
                     for _ in range(len(commands) + int(asking)):
@@ -293,8 +304,10 @@ class ClusterStore:
                         except ResponseError as exc:  # a whole reply: the connection is fine
                             replies.append(exc)
                     out.append(replies[int(asking) :])
-        except BaseException:
+        except BaseException as exc:
             self._mark_failed()
+            if isinstance(exc, Exception):
+                exc.sqlacache_node = current  # type: ignore[attr-defined]
             for _, connection in taken:
                 with contextlib.suppress(Exception):
                     await connection.disconnect()
@@ -357,14 +370,60 @@ class ClusterStore:
 
     async def fetch_async(self, keys: Sequence[str]) -> list[bytes | None]:
         """The entry (keys[0]) from its node and the meta keys (keys[1:], one slot) from the
-        meta node, in one round trip."""
+        meta node, in one round trip.
+
+        A failed entry node is a miss, not a failure: its entries are only a copy of the
+        database, while the meta node carries every invalidation. So the call still answers with
+        the versions, and the node is skipped for NODE_DOWN_SECONDS (or until the topology names
+        another master for its slots). Were it reported, the breaker would open and stop this
+        process's invalidations too, though the meta node could take them.
+        """
         if len(keys) == 1:
             (entry,) = await self._run([(keys[0], [("GET", keys[0])])])
             return [entry[0]]
-        entry, meta = await self._run(
-            [(keys[0], [("GET", keys[0])]), (keys[1], [("MGET", *keys[1:])])]
-        )
+        self._meta_slot = self._slot(keys[1])
+        meta_group = (keys[1], [("MGET", *keys[1:])])
+        entry_node = await self._node_of(keys[0])
+        if entry_node is not None and self._is_down(entry_node):
+            (meta,) = await self._run([meta_group])
+            return [None, *meta[0]]
+        try:
+            entry, meta = await self._run([(keys[0], [("GET", keys[0])]), meta_group])
+        except Exception as exc:
+            if entry_node is None or not self._blame_entry_node(exc, entry_node, keys[1]):
+                raise
+            (meta,) = await self._run([meta_group])
+            return [None, *meta[0]]
         return [entry[0], *meta[0]]
+
+    async def _node_of(self, key: str) -> tuple[str, int] | None:
+        manager = await self._topology()
+        nodes = manager.slots_cache.get(self._slot(key))
+        return (nodes[0].host, int(nodes[0].port)) if nodes else None
+
+    def _is_down(self, node: tuple[str, int]) -> bool:
+        until = self._down.get(node)
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        del self._down[node]
+        return False
+
+    def _blame_entry_node(self, exc: Exception, entry_node: tuple[str, int], meta_key: str) -> bool:
+        """Whether `exc` was a transport failure of the entry's node alone (then it is marked
+        down); False for anything else, or when the meta node is that same node."""
+        from redis.exceptions import ConnectionError, TimeoutError
+
+        transport = isinstance(exc, ConnectionError | TimeoutError | OSError | asyncio.TimeoutError)
+        blamed = getattr(exc, "sqlacache_node", None)
+        manager = self._client.nodes_manager
+        meta_nodes = manager.slots_cache.get(self._slot(meta_key)) or []
+        meta_node = (meta_nodes[0].host, int(meta_nodes[0].port)) if meta_nodes else None
+        if not transport or blamed != entry_node or blamed == meta_node:
+            return False
+        self._down[entry_node] = time.monotonic() + NODE_DOWN_SECONDS
+        return True
 
     def store(self, fill: Fill) -> None:
         if in_greenlet():
@@ -441,6 +500,7 @@ class ClusterStore:
         """lua/bump.lua on the meta slot (it touches only version and lease keys), then WAIT on
         the same connection: acknowledged once a replica of the meta slot holds it."""
         keys, args = _bump_arguments(bump, token, row_ttl_ms, lease_ttl_ms)
+        self._meta_slot = self._slot(keys[0])
         manager = await self._topology()
         replicas = min(1, len(manager.slots_cache.get(self._slot(keys[0])) or ()) - 1)
         commands: list[tuple[Any, ...]] = [self._evalsha("bump", keys, args)]
@@ -524,8 +584,9 @@ class ClusterStore:
         return sum(1 for _ in self._sync_client().scan_iter(match=match, count=1000))
 
     def ping(self) -> None:
-        """Every master answers, after a topology refresh: the breaker's probe closes only once
-        each slot has a live master again (a failed one replaced by its replica)."""
+        """After a topology refresh, the meta slot's master answers (every master, before the
+        meta slot is known): the breaker's probe closes once invalidations can be delivered
+        again; entry nodes that are still down only cost their entries (see `fetch_async`)."""
         if in_greenlet():
             await_(self._ping_async())
         else:
@@ -536,7 +597,11 @@ class ClusterStore:
     async def _ping_async(self) -> None:
         self._refresh_now()
         manager = await self._topology()
-        addresses = {tuple(nodes[0].name.rsplit(":", 1)) for nodes in manager.slots_cache.values()}
+        slots = manager.slots_cache
+        if self._meta_slot is not None and slots.get(self._meta_slot):
+            # the meta slot's master is what invalidations need; entry nodes may be down
+            slots = {self._meta_slot: slots[self._meta_slot]}
+        addresses = {tuple(nodes[0].name.rsplit(":", 1)) for nodes in slots.values()}
         await self._round(
             [(((host, int(port)), False), [("PING",)]) for host, port in sorted(addresses)]
         )
@@ -581,6 +646,7 @@ class ClusterStore:
         """Name a key of the meta slot (e.g. the namespace's epoch key): `server_id` then follows
         only that slot's master. Call it once, before the first `server_id`."""
         self.meta_key = meta_key
+        self._meta_slot = self._slot(meta_key)
 
     def check_config(self) -> None:
         """Raise `ConfigError` if the server named by the URL is not a cluster node; None if it
