@@ -138,6 +138,10 @@ class LocalCluster:
             # a replica may take over however long ago it last heard from its master
             "--cluster-replica-validity-factor",
             "0",
+            # a shard's outage must not stop the others (the recommended setting for a cache:
+            # the default stops every node, the meta slot's master included, until failover)
+            "--cluster-require-full-coverage",
+            "no",
             # DEBUG SLEEP makes a node silent for a while (a blackhole) in the soak test
             "--enable-debug-command",
             "local",

@@ -52,7 +52,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "errors": [],
         "orders": [],
         "hits": 0,
+        # wall-clock windows in which this worker held invalidations it could not deliver
+        "pending": [],
     }
+    pending_since: float | None = None
     deadline = time.monotonic() + args.seconds
     order_id = args.worker * 1_000_000
 
@@ -115,7 +118,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 report["reads_checked"] += 1
         except Exception as exc:  # anything reaching the application is a failure
             report["errors"].append(f"{type(exc).__name__}: {exc}")
+        pending = cache.stats()["pending_invalidations"]
+        if pending and pending_since is None:
+            pending_since = time.time()
+        elif not pending and pending_since is not None:
+            report["pending"].append((pending_since, time.time()))
+            pending_since = None
         await asyncio.sleep(0)
+    await cache.flush_pending()
+    if pending_since is not None:
+        report["pending"].append((pending_since, time.time()))
     stats = cache.stats()
     report["hits"] = stats["totals"]["hits"]
     report["cache_errors"] = stats["totals"]["errors"]

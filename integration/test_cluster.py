@@ -88,9 +88,9 @@ async def test_a_hit_is_one_round_trip_to_at_most_two_nodes(make_cache, sessions
     rounds: list[int] = []
     original = store._round
 
-    async def counting(groups: Any) -> Any:
+    async def counting(groups: Any, *args: Any) -> Any:
         rounds.append(len({address for (address, _), _ in groups}))
-        return await original(groups)
+        return await original(groups, *args)
 
     store._round = counting  # type: ignore[method-assign]
     sql.reset()
@@ -457,14 +457,14 @@ async def test_a_commit_between_the_two_halves_of_a_fill_leaves_nothing_stale(
     original = store._run
     fired: list[bool] = []
 
-    async def interleaved(requests: Any) -> Any:
+    async def interleaved(requests: Any, *args: Any) -> Any:
         entry_write = any(cmd[0] == "SET" for _, cmds in requests for cmd in cmds)
         if entry_write and not fired:
             fired.append(True)
             async with sessions() as s:
                 (await s.get(User, 1)).name = "1:1"
                 await s.commit()
-        return await original(requests)
+        return await original(requests, *args)
 
     store._run = interleaved  # type: ignore[method-assign]
     assert await get_name(sessions, 1) == "1:0"  # a miss, its fill held at the entry's SET

@@ -125,7 +125,12 @@ class ClusterStore:
         elif self._refresh_due and time.monotonic() - self._refreshed_at > REFRESH_INTERVAL:
             self._refresh_due = False
             self._refreshed_at = time.monotonic()
-            await self._client.nodes_manager.initialize()
+            try:
+                await self._client.nodes_manager.initialize()
+            except Exception:
+                # Nodes may disagree while a failover settles: keep the map we have (the
+                # operation itself tells whether it still holds) and try again later.
+                self._refresh_due = True
         return self._client.nodes_manager
 
     def _mark_failed(self) -> None:
