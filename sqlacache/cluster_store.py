@@ -10,11 +10,15 @@ the versions (that comparison replaces a cross-slot script).
 Topology (which master serves which slot) comes from redis-py's `RedisCluster`, which also runs the
 commands off the hot path. The hot commands (fetch, fill, bump) go through sqlacache's own lean
 connections per node, bounded by one operation deadline, following MOVED and ASK redirections and
-retrying TRYAGAIN a few times, never retrying a failure: a dead or silent node raises at once, so the
-circuit breaker sees it, and the next operation refreshes the topology (a replica promoted in the
-meantime is found). A bump is acknowledged only once a replica of the meta slot has it (`WAIT`):
-a master that dies right after a bump cannot take the invalidation with it when its replica is
-promoted.
+retrying TRYAGAIN a few times, never retrying a failure: a dead or silent meta node raises at once,
+so the circuit breaker sees it, and the next operation refreshes the topology (a replica promoted
+in the meantime is found). A dead or silent entry node only costs its entries: its reads are
+misses and its fills are dropped for a moment, while invalidations go on (see `fetch_async`).
+A bump is acknowledged only once a replica of the meta slot has it (`WAIT`): a master that dies
+right after a bump cannot take the invalidation with it when its replica is promoted.
+
+Recommended server setting: `cluster-require-full-coverage no`, or one shard's outage stops every
+node, the meta slot's master included, until its replica takes over.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from .store import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_POOL_TIMEOUT,
     MIN_CONNECT_TIMEOUT,
+    WARM_CONNECTIONS,
     Bump,
     Fill,
     PoolExhausted,
@@ -552,7 +557,7 @@ class ClusterStore:
         self._call(lambda c: c.sadd(key, member), lambda c: c.sadd(key, member))
 
     def warm_up(self) -> None:
-        """Learn the topology and open a connection to every master now."""
+        """Learn the topology and open a few connections to every master now."""
         if in_greenlet():
             await_(self._warm_up_async())
         else:
@@ -565,7 +570,10 @@ class ClusterStore:
             for n in manager.nodes_cache.values()
             if n.server_type == "primary"
         }
-        await self._round([((address, False), [("PING",)]) for address in sorted(addresses)])
+        groups = [((address, False), [("PING",)]) for address in sorted(addresses)]
+        # several connections per master, opened together: the first burst of requests then
+        # finds working connections instead of all connecting at once on a busy event loop
+        await asyncio.gather(*(self._round(groups) for _ in range(WARM_CONNECTIONS)))
 
     def members(self, key: str) -> list[str]:
         raw = self._call(lambda c: c.smembers(key), lambda c: c.smembers(key))
