@@ -87,7 +87,7 @@ class ClusterStore:
         self.operation_timeout = float(options["socket_timeout"])
         self._pool_timeout = float(options.pop("pool_timeout", DEFAULT_POOL_TIMEOUT))
         self._url = backend.url
-        self._startup = list(backend.startup_nodes)
+        self._startup = list(backend.startup_nodes) or [_url_node(backend.url)]
         self._options = options
         # No retries beyond redirection: a failure is reported at once; the breaker decides.
         self._cluster_options: dict[str, Any] = {
@@ -725,6 +725,13 @@ def _sha1(source: str) -> str:
     return hashlib.sha1(source.encode()).hexdigest()
 
 
+def _url_node(url: str) -> tuple[str, int]:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 6379
+
+
 def _run_id(info: Any) -> str | None:
     """The run_id in an INFO reply (parsed into a dict, or raw text)."""
     if isinstance(info, dict):
@@ -778,10 +785,14 @@ async def _count_matching_async(client: Any, match: str) -> int:
 
 
 def _plain_options(options: dict[str, Any], url: str) -> dict[str, Any]:
+    """Options of a one-off client to the URL's own node: no retries (an outage answers fast)."""
+    from redis.backoff import NoBackoff
     from redis.connection import parse_url
+    from redis.retry import Retry
 
     keep = ("socket_timeout", "socket_connect_timeout", "protocol")
-    out = {k: v for k, v in options.items() if k in keep}
+    out: dict[str, Any] = {k: v for k, v in options.items() if k in keep}
+    out["retry"] = Retry(NoBackoff(), 0)
     out.update({k: v for k, v in parse_url(url).items() if k in ("username", "password")})
     if url.startswith("rediss://"):
         out["ssl"] = True
