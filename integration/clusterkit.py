@@ -118,6 +118,8 @@ class LocalCluster:
                 timeout=timeout,
             )
             self.wait_ok(timeout)
+            for node in self.nodes:  # replicas have their masters' data (WAIT counts them)
+                self._wait_synced(node.port, timeout)
         except Exception:
             self.stop()
             raise

@@ -173,9 +173,7 @@ async def test_another_process_on_the_cluster_sees_the_invalidation(
         await reader.stop()
 
 
-async def test_invalidate_all_on_the_cluster_clears_every_master(
-    make_cache, sessions, sql
-) -> None:
+async def test_invalidate_all_on_the_cluster_clears_every_master(make_cache, sessions, sql) -> None:
     cache = await make_cache()
     await seed(sessions, 20)
     for pk in range(1, 21):
@@ -541,3 +539,27 @@ async def test_a_dead_entry_master_costs_its_entries_not_the_invalidations(
     finally:
         await asyncio.to_thread(redis_cluster.wait_promoted, replica)
         await asyncio.to_thread(redis_cluster.restart_node, victim)
+
+
+async def test_a_bump_no_replica_acknowledged_is_reported_undelivered(redis_cluster) -> None:
+    """Redis replicates asynchronously: a bump only its master holds would be lost if that
+    master failed now. It is acknowledged once a replica has it (WAIT), else it raises, and
+    the cache keeps it for redelivery."""
+    from sqlacache.cluster_store import ReplicationShortfall
+    from sqlacache.store import Bump
+
+    ns = Namespace("wait-test")
+    key = ns.table_version("db", "t")
+    store = ClusterStore(parse_backend(redis_cluster.url), 0.2)
+    try:
+        await store.bump_async(Bump(persistent=[key]), b"t1", 1000, 1000)
+        replica = redis_cluster.replica_of(redis_cluster.master_of_slot(redis_cluster.keyslot(key)))
+        silent = asyncio.ensure_future(asyncio.to_thread(redis_cluster.silence, replica, 0.8))
+        await asyncio.sleep(0.2)
+        with pytest.raises(ReplicationShortfall):
+            await store.bump_async(Bump(persistent=[key]), b"t2", 1000, 1000)
+        await silent
+        await store.bump_async(Bump(persistent=[key]), b"t3", 1000, 1000)
+        assert (await store.fetch_async([ns.entry("x"), key]))[1] == b"t3"
+    finally:
+        await store.aclose()

@@ -106,6 +106,7 @@ class ClusterStore:
         self._refresh_due = False
         self._refreshed_at = 0.0
         self._down: dict[tuple[str, int], float] = {}  # entry nodes skipped until then
+        self._replica_counts: dict[tuple[str, int], int] = {}  # per master, for WAIT
         self._meta_slot: int | None = None  # learnt from the first operation naming meta keys
         self._sync: Any = None
         self._sync_scripts: dict[str, Any] = {}
@@ -140,6 +141,7 @@ class ClusterStore:
 
     def _mark_failed(self) -> None:
         self._refresh_due = True
+        self._replica_counts.clear()
 
     def _refresh_now(self) -> None:
         """The next operation reloads the topology whatever the rate limit says."""
@@ -497,7 +499,7 @@ class ClusterStore:
         connection = client.get_redis_connection(node)
         pipe = connection.pipeline(transaction=False)
         self._sync_scripts["bump"](keys=keys, args=args, client=pipe)
-        replicas = self._replica_count_sync(client, keys[0])
+        replicas = min(1, _connected_replicas(connection.info("replication")))
         if replicas:  # within the sync client's socket timeout, which bounds the whole reply
             pipe.execute_command("WAIT", replicas, max(1, self._wait_ms() * 3 // 4))
         replies = pipe.execute()
@@ -511,8 +513,7 @@ class ClusterStore:
         the same connection: acknowledged once a replica of the meta slot holds it."""
         keys, args = _bump_arguments(bump, token, row_ttl_ms, lease_ttl_ms)
         self._meta_slot = self._slot(keys[0])
-        manager = await self._topology()
-        replicas = min(1, len(manager.slots_cache.get(self._slot(keys[0])) or ()) - 1)
+        replicas = min(1, await self._replicas_of(keys[0]))
         commands: list[tuple[Any, ...]] = [self._evalsha("bump", keys, args)]
         if replicas > 0:
             commands.append(("WAIT", replicas, self._wait_ms()))
@@ -530,10 +531,17 @@ class ClusterStore:
     def _wait_ms(self) -> int:
         return max(1, int(self.operation_timeout * 1000))
 
-    @staticmethod
-    def _replica_count_sync(client: Any, key: str) -> int:
-        nodes = client.nodes_manager.slots_cache.get(client.keyslot(key)) or []
-        return min(1, len(nodes) - 1)
+    async def _replicas_of(self, key: str) -> int:
+        """How many replicas the master of `key`'s slot has (asked once per master, and again
+        after a failure: a replica that died drops out of WAIT's count)."""
+        node = await self._node_of(key)
+        if node is None:
+            return 0
+        count = self._replica_counts.get(node)
+        if count is None:
+            (replies,) = await self._run([(key, [("INFO", "replication")])])
+            count = self._replica_counts[node] = _connected_replicas(replies[0])
+        return count
 
     def delete(self, key: str) -> None:
         self._call(lambda c: c.unlink(key), lambda c: c.unlink(key))
@@ -723,6 +731,17 @@ def _sha1(source: str) -> str:
     import hashlib
 
     return hashlib.sha1(source.encode()).hexdigest()
+
+
+def _connected_replicas(info: Any) -> int:
+    """`connected_slaves` of an INFO replication reply (a dict, or raw text)."""
+    if isinstance(info, dict):
+        return int(info.get("connected_slaves", 0))
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    for line in text.splitlines():
+        if line.startswith("connected_slaves:"):
+            return int(line.split(":", 1)[1])
+    return 0
 
 
 def _url_node(url: str) -> tuple[str, int]:
