@@ -141,6 +141,7 @@ async def check_outcome(
         f" cache_fallbacks={sum(r['cache_errors'] for r in reports)}"
         f" stale_within_bound={len(stale) - len(outside)} stale_outside_bound={len(outside)}"
         f" errors={len(errors)} faults={faults.summary()}"
+        f" undelivered_at_exit={sum(r['pending_at_exit'] for r in reports)}"
     )
     for item in stale[:10]:
         at = float(item["t"]) - faults.started
