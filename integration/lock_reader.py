@@ -24,9 +24,7 @@ async def main(db_url: str, backend: str, prefix: str) -> None:
     event.listen(
         engine.sync_engine,
         "before_cursor_execute",
-        lambda conn, cursor, statement, *a: (
-            selects.append(statement) if "FROM users" in statement else None
-        ),
+        lambda conn, cursor, statement, *a: selects.append(statement) if "FROM users" in statement else None,
     )
     async with AsyncSession(engine) as warm:  # open a pooled connection before the race
         await warm.connection()

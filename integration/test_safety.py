@@ -79,9 +79,7 @@ async def test_a_planted_pickle_under_every_key_executes_nothing(
     assert not marker.exists()
 
 
-async def test_undecodable_entries_are_misses_evicted_and_counted(
-    make_cache, sessions, engine, redis_client
-):
+async def test_undecodable_entries_are_misses_evicted_and_counted(make_cache, sessions, engine, redis_client):
     await seed(sessions)
     cache = await make_cache()
     await read_everything(engine)
@@ -94,11 +92,7 @@ async def test_undecodable_entries_are_misses_evicted_and_counted(
         stamp, _, _ = value.partition(b"\n")
         stamp_and_garbage[key] = stamp + b"\nJ0-{not json"  # a valid stamp, a broken payload
         await redis_client.set(key, stamp_and_garbage[key])
-    assert await read_everything(engine) == (
-        ["user1", "user2", "user3", "user4", "user5"],
-        "user1",
-        1,
-    )
+    assert await read_everything(engine) == (["user1", "user2", "user3", "user4", "user5"], "user1", 1)
     async with AsyncSession(engine) as s:
         assert (await s.get(User, 2)).name == "user2"
     assert cache.stats()["payload_errors"] == len(stamp_and_garbage)
@@ -106,9 +100,7 @@ async def test_undecodable_entries_are_misses_evicted_and_counted(
         assert await redis_client.get(key) != stamp_and_garbage[key]  # evicted (or refilled)
 
 
-async def test_forged_payloads_are_refused_with_a_secret(
-    make_cache, sessions, engine, redis_client
-):
+async def test_forged_payloads_are_refused_with_a_secret(make_cache, sessions, engine, redis_client):
     await seed(sessions)
     cache = await make_cache(secret="k" * 32)
     async with AsyncSession(engine) as s:
@@ -173,9 +165,7 @@ async def test_bookkeeping_is_bounded_by_live_entries(make_cache, sessions, engi
     assert counts["other"] <= 2  # the epoch and the database registry
 
 
-async def test_entries_never_outlive_the_row_versions_they_depend_on(
-    make_cache, sessions, engine, redis_client
-):
+async def test_entries_never_outlive_the_row_versions_they_depend_on(make_cache, sessions, engine, redis_client):
     await seed(sessions, 3)
     cache = await make_cache({"*": {"timeout": 30}})
     prefix = cache.config.prefix
@@ -194,9 +184,7 @@ async def test_entries_never_outlive_the_row_versions_they_depend_on(
         assert await redis_client.pttl(key) >= entry_ttl
 
 
-async def test_lock_makes_four_processes_of_twenty_cold_reads_run_one_query(
-    stack, make_cache, sessions
-):
+async def test_lock_makes_four_processes_of_twenty_cold_reads_run_one_query(stack, make_cache, sessions):
     await seed(sessions, 3)
     cache = await make_cache(bind=False)
     prefix = cache.config.prefix
