@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -107,6 +108,8 @@ class ClusterStore:
         self._refreshed_at = 0.0
         self._down: dict[tuple[str, int], float] = {}  # entry nodes skipped until then
         self._replica_counts: dict[tuple[str, int], int] = {}  # per master, for WAIT
+        self._landing: dict[str, asyncio.Future[None]] = {}  # entries being SET by this process
+        self._landing_sync: dict[str, threading.Event] = {}  # the same, from sync sessions
         self._meta_slot: int | None = None  # learnt from the first operation naming meta keys
         self._sync: Any = None
         self._sync_scripts: dict[str, Any] = {}
@@ -375,10 +378,16 @@ class ClusterStore:
     def fetch(self, keys: Sequence[str]) -> list[bytes | None]:
         if in_greenlet():
             return await_(self.fetch_async(keys))
-        # the sync cluster client pipelines no multi-key command: two round trips here
+        # the sync cluster client pipelines no multi-key command: two round trips here, the
+        # versions first (an entry read after them is checked against them all the same)
         client = self._sync_client()
+        meta = client.mget(list(keys[1:])) if len(keys) > 1 else []
         entry = client.get(keys[0])
-        return [entry, *(client.mget(list(keys[1:])) if len(keys) > 1 else [])]
+        landing = self._landing_sync.get(keys[0])
+        if entry is None and landing is not None:  # a thread of this process is storing it
+            landing.wait(self.operation_timeout)
+            entry = client.get(keys[0])
+        return [entry, *meta]
 
     async def fetch_async(self, keys: Sequence[str]) -> list[bytes | None]:
         """The entry (keys[0]) from its node and the meta keys (keys[1:], one slot) from the
@@ -406,7 +415,22 @@ class ClusterStore:
                 raise
             (meta,) = await self._run([meta_group])
             return [None, *meta[0]]
+        if entry[0] is None:
+            return [await self._landed(keys[0]), *meta[0]]
         return [entry[0], *meta[0]]
+
+    async def _landed(self, key: str) -> bytes | None:
+        """The entry, if this process is writing it right now (between the two halves of its
+        fill): a reader that finds the new versions but not yet the entry waits for the SET
+        (one round trip) instead of missing. Read after the versions, which is safe: the caller
+        still checks the entry's stamp against them."""
+        landing = self._landing.get(key)
+        if landing is None or landing.get_loop() is not asyncio.get_running_loop():
+            return None
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(landing), self.operation_timeout)
+        (entry,) = await self._run([(key, [("GET", key)])])
+        return entry[0]
 
     async def _node_of(self, key: str) -> tuple[str, int] | None:
         manager = await self._topology()
@@ -443,13 +467,31 @@ class ClusterStore:
             return
         keys, args = _versions_arguments(fill)
         client = self._sync_client()
-        valid = 1
-        if keys:
-            valid = int(self._sync_scripts["fill_versions"](keys=keys, args=args))
-        if valid:
-            client.set(fill.entry_key, fill.value, px=fill.ttl_ms)
+        landing = self._landing_sync[fill.entry_key] = threading.Event()
+        try:
+            valid = 1
+            if keys:
+                valid = int(self._sync_scripts["fill_versions"](keys=keys, args=args))
+            if valid:
+                client.set(fill.entry_key, fill.value, px=fill.ttl_ms)
+        finally:
+            landing.set()
+            if self._landing_sync.get(fill.entry_key) is landing:
+                del self._landing_sync[fill.entry_key]
 
     async def store_async(self, fill: Fill) -> None:
+        """Store a fill (see `_fill`); readers of this process that find its versions before its
+        entry wait for the entry (see `_landed`)."""
+        landing = asyncio.get_running_loop().create_future()
+        self._landing[fill.entry_key] = landing
+        try:
+            await self._fill(fill)
+        finally:
+            landing.set_result(None)
+            if self._landing.get(fill.entry_key) is landing:
+                del self._landing[fill.entry_key]
+
+    async def _fill(self, fill: Fill) -> None:
         """A fill in two steps, where a single Redis runs one script (lua/fill.lua).
 
         First the version half (lua/fill_versions.lua) on the meta slot, atomically: it creates
@@ -469,9 +511,20 @@ class ClusterStore:
             valid = await self._script_reply(meta_key, "fill_versions", keys, args, replies[0])
             if not valid:
                 return
-        await self._run(
-            [(fill.entry_key, [("SET", fill.entry_key, fill.value, "PX", fill.ttl_ms)])]
-        )
+        # the entry's own node failing is no failure of the cache: the entry is simply not kept
+        entry_node = await self._node_of(fill.entry_key)
+        if entry_node is not None and self._is_down(entry_node):
+            return
+        write = (fill.entry_key, [("SET", fill.entry_key, fill.value, "PX", fill.ttl_ms)])
+        try:
+            await self._run([write])
+        except Exception as exc:
+            if (
+                entry_node is None
+                or not keys
+                or not self._blame_entry_node(exc, entry_node, keys[0])
+            ):
+                raise
 
     def _evalsha(self, name: str, keys: list[str], args: list[Any]) -> tuple[Any, ...]:
         return ("EVALSHA", self._shas[name], len(keys), *keys, *args)
