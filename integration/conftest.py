@@ -11,6 +11,7 @@ import os
 
 import pytest
 
+from integration.clusterkit import redis_cluster  # noqa: F401 - the session's local cluster
 from tests.fixtures import Stack
 
 PG_URL = os.environ.get("SQLACACHE_TEST_PG", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")

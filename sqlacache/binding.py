@@ -12,6 +12,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from .backends import Store, make_store
+from .backends.cluster import ClusterStore
 from .backends.redis import RedisStore
 from .cashews_bridge import CashewsBridge, is_in_process
 from .config import CacheConfig
@@ -39,6 +40,9 @@ class Bound:
         instance_id: int,
     ) -> None:
         store = make_store(config.backend, config.operation_timeout)
+        bind_namespace = getattr(store, "bind_namespace", None)
+        if bind_namespace is not None:  # a cluster: which slot holds the versions
+            bind_namespace(namespace.epoch_key)
         runtime = Runtime(
             config=config,
             namespace=namespace,
@@ -91,7 +95,7 @@ def _follow_invalidations(
         with contextlib.suppress(RuntimeError):  # the application's loop, if bind() runs in one
             bridge.loop = asyncio.get_running_loop()
         invalidator.bridge = bridge
-    if not isinstance(store, RedisStore):
+    if not isinstance(store, RedisStore | ClusterStore):
         return None, bridge, None
     channel = namespace.channel(store.database)
     store.channel = channel  # every bump now publishes its new tokens there

@@ -156,6 +156,10 @@ class BackendConfig:
     source: Any = field(default=None, repr=False)
     #: options accepted for compatibility that have no effect (documented)
     ignored: tuple[str, ...] = ()
+    #: Redis Cluster: `?cluster=true`, `"cluster": True` or `startup_nodes` in the mapping form
+    cluster: bool = False
+    #: (host, port) of every node given; the URL's own node is the first
+    startup_nodes: tuple[tuple[str, int], ...] = ()
 
     @property
     def is_memory(self) -> bool:
@@ -537,10 +541,19 @@ def parse_backend(backend: Any) -> BackendConfig:
     """
     extra: dict[str, Any] = {}
     source = backend
+    nodes: list[tuple[str, int]] = []
+    if isinstance(backend, list | tuple):  # a Redis Cluster's node URLs
+        backend = {"startup_nodes": list(backend)}
     if isinstance(backend, Mapping):
+        if "startup_nodes" in backend:
+            nodes = _startup_nodes(backend["startup_nodes"])
+            if not backend.get("url"):
+                backend = {**backend, "url": f"redis://{nodes[0][0]}:{nodes[0][1]}"}
         if not backend.get("url"):
-            raise ConfigError("backend mapping needs a non-empty 'url'")
-        extra = {str(k): v for k, v in backend.items() if k != "url"}
+            raise ConfigError("backend mapping needs a non-empty 'url' (or 'startup_nodes')")
+        extra = {str(k): v for k, v in backend.items() if k not in ("url", "startup_nodes")}
+        if nodes:
+            extra.setdefault("cluster", True)
         backend = backend["url"]
     if not isinstance(backend, str) or "://" not in backend:
         raise ConfigError(
@@ -561,7 +574,7 @@ def parse_backend(backend: Any) -> BackendConfig:
             )
     if scheme == "mem":
         return _memory_backend(backend, source, {**query, **extra})
-    return _redis_backend(parts, source, query, extra)
+    return _redis_backend(parts, source, query, extra, nodes)
 
 
 def _memory_backend(url: str, source: Any, options: Mapping[str, Any]) -> BackendConfig:
@@ -575,7 +588,12 @@ def _memory_backend(url: str, source: Any, options: Mapping[str, Any]) -> Backen
                 raise ConfigError(
                     f"backend option {name!r} has an invalid value {value!r}"
                 ) from None
-        elif name in REDIS_OPTION_NAMES or name == "cluster":
+        elif name == "cluster":
+            raise ConfigError(
+                "backend option 'cluster' asks for Redis Cluster, but mem:// lives in this "
+                "process: use redis://host:port?cluster=true"
+            )
+        elif name in REDIS_OPTION_NAMES:
             ignored.append(name)  # connection options mean nothing in process: as upstream does
         else:
             known = (*MEMORY_URL_OPTIONS, *REDIS_OPTION_NAMES)
@@ -664,7 +682,11 @@ class _Refused(Exception):
 
 
 def _redis_backend(
-    parts: Any, source: Any, query: Mapping[str, str], extra: Mapping[str, Any]
+    parts: Any,
+    source: Any,
+    query: Mapping[str, str],
+    extra: Mapping[str, Any],
+    nodes: list[tuple[str, int]],
 ) -> BackendConfig:
     given_scheme = parts.scheme.lower()
     ssl_given = query.get("ssl", extra.get("ssl"))
@@ -723,8 +745,22 @@ def _redis_backend(
         take(name, value, True)
     for name, value in extra.items():
         take(name, value, False)
-    if str(cluster or "").lower() in ("1", "true", "yes"):
-        raise ConfigError("Redis Cluster URLs are not supported by this version of sqlacache yet")
+    is_cluster = cluster is True or str(cluster or "").lower() in ("1", "true", "yes")
+    if nodes and not is_cluster:
+        raise ConfigError("backend 'startup_nodes' name a Redis Cluster; drop 'cluster': False")
+    if is_cluster:
+        if scheme == "unix":
+            raise ConfigError(
+                "a Redis Cluster is reached over TCP: use redis://host:port?cluster=true"
+            )
+        if options.get("db", 0) != 0:
+            raise ConfigError(
+                f"a Redis Cluster has only database 0; drop the database number "
+                f"{options['db']!r} from the backend"
+            )
+        options.pop("db", None)
+        own = (parts.hostname or "127.0.0.1", parts.port or 6379)
+        nodes = [own, *(node for node in nodes if node != own)]
     if "timeout" in options:  # redis-py's name for the pool wait
         options.setdefault("pool_timeout", options.pop("timeout"))
     for name in ("socket_timeout", "socket_connect_timeout", "pool_timeout"):
@@ -747,7 +783,41 @@ def _redis_backend(
     else:
         netloc = parts.netloc.rpartition("@")[2]
         url = urlunsplit((scheme, netloc, "", "", ""))
-    return BackendConfig(scheme=scheme, url=url, options=options, source=source, ignored=ignored)
+    return BackendConfig(
+        scheme=scheme,
+        url=url,
+        options=options,
+        source=source,
+        ignored=ignored,
+        cluster=is_cluster,
+        startup_nodes=tuple(nodes),
+    )
+
+
+def _startup_nodes(nodes: Any) -> list[tuple[str, int]]:
+    """`startup_nodes` as (host, port) pairs; items are pairs or `redis://host:port` URLs."""
+    if isinstance(nodes, str) or not isinstance(nodes, Iterable):
+        raise ConfigError(f"backend 'startup_nodes' must be a list of (host, port), got {nodes!r}")
+    out: list[tuple[str, int]] = []
+    for node in nodes:
+        if isinstance(node, str) and "://" in node:
+            url = urlsplit(node)
+            host, port = url.hostname, url.port or 6379
+        elif isinstance(node, list | tuple) and len(node) == 2:
+            host, port = node
+        else:
+            raise ConfigError(
+                f"backend 'startup_nodes' item {node!r} is neither (host, port) nor a redis:// URL"
+            )
+        if not isinstance(host, str) or not host or isinstance(port, bool):
+            raise ConfigError(f"backend 'startup_nodes' item {node!r} has no valid host")
+        try:
+            out.append((host, int(port)))
+        except (TypeError, ValueError):
+            raise ConfigError(f"backend 'startup_nodes' item {node!r} has no valid port") from None
+    if not out:
+        raise ConfigError("backend 'startup_nodes' is empty: name at least one cluster node")
+    return out
 
 
 def build_config(

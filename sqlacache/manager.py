@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
 from ._greenlet import greenlet_spawn
+from .backends.cluster import check_config as check_cluster_mode
 from .binding import Bound
 from .config import CacheConfig, check_invalidate_all_call, pks_list
 from .database import Database, database_identity
@@ -144,14 +145,18 @@ class CacheManager:
         database = databases.for_pool(engine.pool)
         assert database is not None
         try:
+            check_cluster_mode(store.raw)  # outside the breaker: a mistake must reach the caller
             store.warm_up()
             bound.recovery.check_server(store.server_id())
             store.add_member(self.namespace.databases_key, database.identity)
+        except ConfigError:
+            databases.remove(engine)  # not bound: the caller must fix the configuration
+            raise
         except CacheUnavailable as exc:
             cause = exc.__cause__
             problem = None if cause is None else self.breaker.misconfiguration(cause)
             if problem is not None:
-                databases.remove(engine)  # not bound: the caller must fix the configuration
+                databases.remove(engine)
                 raise ConfigError(problem) from cause
 
     async def disconnect(self) -> None:

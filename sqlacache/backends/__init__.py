@@ -16,6 +16,10 @@ def make_store(backend: BackendConfig, operation_timeout: float) -> Store:
             size=int(backend.options.get("size", 10_000)),
             max_bytes=int(backend.options.get("max_bytes", 256 * 1024 * 1024)),
         )
+    if backend.cluster:
+        from .cluster import ClusterStore
+
+        return ClusterStore(backend, operation_timeout)
     from .redis import RedisStore  # redis-py is imported only for a Redis backend
 
     return RedisStore(backend, operation_timeout)

@@ -1,0 +1,3 @@
+"""tests/test_invalidation.py on Redis Cluster + PostgreSQL."""
+
+from tests.test_invalidation import *  # noqa: F403

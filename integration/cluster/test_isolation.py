@@ -1,0 +1,3 @@
+"""tests/test_isolation.py on Redis Cluster + PostgreSQL."""
+
+from tests.test_isolation import *  # noqa: F403

@@ -1,0 +1,3 @@
+"""tests/test_reads.py on Redis Cluster + PostgreSQL."""
+
+from tests.test_reads import *  # noqa: F403

@@ -1,0 +1,3 @@
+"""tests/test_sync.py on Redis Cluster + PostgreSQL."""
+
+from tests.test_sync import *  # noqa: F403

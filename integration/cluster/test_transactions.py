@@ -1,0 +1,3 @@
+"""tests/test_transactions.py on Redis Cluster + PostgreSQL."""
+
+from tests.test_transactions import *  # noqa: F403

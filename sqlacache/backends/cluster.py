@@ -1,0 +1,943 @@
+"""The shared store on Redis Cluster: the same operations as `RedisStore`, laid out by slot.
+
+Version, lease, epoch and registry keys of a prefix share the hash tag `{prefix}`: they live in one
+slot (the *meta slot*), so the bump script and the version half of a fill stay atomic there.
+Entries (`prefix:e:<digest>`) are spread over the masters by their digest. A hit is one pipelined
+call to at most two nodes, sent to both before either reply is read: `GET` of the entry on its node
+and `MGET` of the versions and leases on the meta node; the caller compares the entry's stamp with
+the versions (that comparison replaces a cross-slot script).
+
+Topology (which master serves which slot) comes from redis-py's `RedisCluster`, which also runs the
+commands off the hot path. The hot commands (fetch, fill, bump) go through sqlacache's own lean
+connections per node, bounded by one operation deadline, following MOVED and ASK redirections and
+retrying TRYAGAIN a few times, never retrying a failure: a dead or silent meta node raises at once,
+so the circuit breaker sees it, and the next operation refreshes the topology (a replica promoted
+in the meantime is found). A dead or silent entry node only costs its entries: its reads are
+misses and its fills are dropped for a moment, while invalidations go on (see `fetch_async`).
+A bump is acknowledged only once a replica of the meta slot has it (`WAIT`): a master that dies
+right after a bump cannot take the invalidation with it when its replica is promoted.
+
+Recommended server setting: `cluster-require-full-coverage no`, or one shard's outage stops every
+node, the meta slot's master included, until its replica takes over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from .._greenlet import await_, in_greenlet
+from ..config import BackendConfig
+from ..errors import ConfigError
+from .base import Bump, Fill
+from .redis import (  # the constants and scripts both Redis backends share
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_POOL_TIMEOUT,
+    MIN_CONNECT_TIMEOUT,
+    WARM_CONNECTIONS,
+    _lua,
+    bump_arguments,
+)
+from .resp import Deadline, PoolExhausted, glob_escape, no_handshake_metadata, pack
+
+T = TypeVar("T")
+
+#: Redirections (MOVED, ASK) and TRYAGAIN answers one operation follows before it gives up.
+MAX_REDIRECTS = 5
+#: Pause before repeating a command the cluster answered TRYAGAIN (a slot migrating its keys).
+TRYAGAIN_PAUSE = 0.005
+#: How long an entry node that failed is skipped (its reads are misses, its fills dropped).
+NODE_DOWN_SECONDS = 0.5
+#: A topology refresh after a failure runs at most this often.
+REFRESH_INTERVAL = 0.25
+_SCRIPTS = ("bump", "fill_versions", "unlock")
+
+
+class ReplicationShortfall(Exception):
+    """A bump reached the master but no replica within the deadline: it may not survive a
+    failover, so it is reported as undelivered (and redelivered)."""
+
+
+class ClusterStore:
+    """The shared store on a Redis Cluster (`redis://host:port?cluster=true`)."""
+
+    shared = True
+
+    def __init__(self, backend: BackendConfig, operation_timeout: float) -> None:
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        options: dict[str, Any] = dict(backend.options)
+        options.setdefault("socket_timeout", operation_timeout)
+        options.setdefault("socket_connect_timeout", max(operation_timeout, MIN_CONNECT_TIMEOUT))
+        options.setdefault("health_check_interval", 0)
+        options.setdefault("max_connections", DEFAULT_MAX_CONNECTIONS)
+        options.setdefault("protocol", 2)
+        options.update(no_handshake_metadata())
+        self.operation_timeout = float(options["socket_timeout"])
+        self._pool_timeout = float(options.pop("pool_timeout", DEFAULT_POOL_TIMEOUT))
+        self._url = backend.url
+        self._startup = list(backend.startup_nodes) or [_url_node(backend.url)]
+        self._options = options
+        # No retries beyond redirection: a failure is reported at once; the breaker decides.
+        self._cluster_options: dict[str, Any] = {
+            "decode_responses": False,
+            "retry": Retry(NoBackoff(), 0),
+            "reinitialize_steps": 1,
+            **options,
+        }
+        nodes = [ClusterNode(host, port) for host, port in self._startup]
+        self._client = RedisCluster.from_url(
+            backend.url, startup_nodes=nodes, **self._cluster_options
+        )
+        self._gate = asyncio.Semaphore(int(options["max_connections"]))
+        self._idle: dict[str, list[Any]] = {}  # lean connections per node, last used first
+        self._ready = False
+        self._refresh_due = False
+        self._refreshed_at = 0.0
+        self._down: dict[tuple[str, int], float] = {}  # entry nodes skipped until then
+        self._replica_counts: dict[tuple[str, int], int] = {}  # per master, for WAIT
+        self._landing: dict[str, asyncio.Future[None]] = {}  # entries being SET by this process
+        self._landing_sync: dict[str, threading.Event] = {}  # the same, from sync sessions
+        self._meta_slot: int | None = None  # learnt from the first operation naming meta keys
+        self._sync: Any = None
+        self._sync_scripts: dict[str, Any] = {}
+        self._sources = {name: _lua(f"{name}.lua") for name in _SCRIPTS}
+        self._shas = {name: _sha1(source) for name, source in self._sources.items()}
+        self.database = 0
+        #: the channel every bump publishes its new tokens on ("" for none; see `local_tier`); a
+        #: cluster's classic pub/sub reaches subscribers on every node
+        self.channel = ""
+        self.channel_strip = 0
+        #: a key of the meta slot, named by `bind_namespace`
+        self.meta_key: str | None = None
+
+    # -- topology -------------------------------------------------------------------------------
+
+    @property
+    def client(self) -> Any:
+        return self._client
+
+    async def _topology(self) -> Any:
+        """The nodes manager, initialised, and refreshed if a failure asked for it."""
+        if not self._ready:
+            await self._client.initialize()
+            self._ready = True
+            self._refreshed_at = time.monotonic()
+        elif self._refresh_due and time.monotonic() - self._refreshed_at > REFRESH_INTERVAL:
+            self._refresh_due = False
+            self._refreshed_at = time.monotonic()
+            try:
+                await self._client.nodes_manager.initialize()
+            except Exception:
+                # Nodes may disagree while a failover settles: keep the map we have (the
+                # operation itself tells whether it still holds) and try again later.
+                self._refresh_due = True
+        return self._client.nodes_manager
+
+    def _mark_failed(self) -> None:
+        self._refresh_due = True
+        self._replica_counts.clear()
+
+    def _refresh_now(self) -> None:
+        """The next operation reloads the topology whatever the rate limit says."""
+        self._refresh_due = True
+        self._refreshed_at = 0.0
+
+    def _primary(self, manager: Any, slot: int) -> tuple[str, int]:
+        nodes = manager.slots_cache.get(slot)
+        if not nodes:
+            from redis.exceptions import SlotNotCoveredError
+
+            self._mark_failed()
+            raise SlotNotCoveredError(f"slot {slot} is not covered by the cluster")
+        return nodes[0].host, int(nodes[0].port)
+
+    @staticmethod
+    def _slot(key: str) -> int:
+        from redis.crc import key_slot
+
+        return int(key_slot(key.encode()))
+
+    # -- lean connections -------------------------------------------------------------------------
+
+    async def _enter_gate(self) -> asyncio.Semaphore:
+        gate = self._gate
+        if gate.locked():
+            try:
+                await asyncio.wait_for(gate.acquire(), self._pool_timeout)
+            except asyncio.TimeoutError:
+                raise PoolExhausted(f"no Redis connection within {self._pool_timeout}s") from None
+        else:
+            await gate.acquire()
+        return gate
+
+    async def _connection(self, address: tuple[str, int]) -> Any:
+        name = f"{address[0]}:{address[1]}"
+        idle = self._idle.get(name)
+        while idle:
+            connection = idle.pop()
+            if connection.is_connected:
+                return connection
+        from redis.asyncio.connection import Connection
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        kwargs = {
+            key: value
+            for key, value in self._options.items()
+            if key not in ("max_connections", "socket_timeout")
+        }
+        if self._url.startswith("rediss://"):
+            from redis.asyncio.connection import SSLConnection
+
+            connection_class: Any = SSLConnection
+        else:
+            connection_class = Connection
+        from redis.asyncio.connection import parse_url
+
+        credentials = {
+            key: value
+            for key, value in parse_url(self._url).items()
+            if key in ("username", "password")
+        }
+        connection = connection_class(
+            host=address[0],
+            port=address[1],
+            socket_timeout=None,
+            retry=Retry(NoBackoff(), 0),
+            **credentials,
+            **kwargs,
+        )
+        await connection.connect()
+        return connection
+
+    def _give_back(self, address: tuple[str, int], connection: Any) -> None:
+        self._idle.setdefault(f"{address[0]}:{address[1]}", []).append(connection)
+
+    async def _run(
+        self, requests: Sequence[tuple[str, Sequence[Sequence[Any]]]], extra: float = 0.0
+    ) -> list[list[Any]]:
+        """Run groups of commands, each group routed by its key's slot and sent in one write.
+
+        Every group is sent before any reply is read, so groups on different nodes run
+        concurrently: the whole call costs one round trip. A group answered MOVED, ASK or
+        TRYAGAIN is sent again where the cluster says (ASKING first for ASK), up to
+        MAX_REDIRECTS times. Returns each group's replies in order.
+        """
+        from redis.exceptions import (
+            AskError,
+            MovedError,
+            NoScriptError,
+            ResponseError,
+            TryAgainError,
+        )
+
+        manager = await self._topology()
+        results: list[list[Any] | None] = [None] * len(requests)
+        targets: dict[int, tuple[tuple[str, int], bool]] = {}
+        for index, (key, _) in enumerate(requests):
+            targets[index] = (self._primary(manager, self._slot(key)), False)
+        for _ in range(MAX_REDIRECTS + 1):
+            replies = await self._round(
+                [(targets[i], requests[i][1]) for i in sorted(targets)], extra
+            )
+            again: dict[int, tuple[tuple[str, int], bool]] = {}
+            pause = False
+            for index, group_replies in zip(sorted(targets), replies, strict=True):
+                redirect = next(
+                    (r for r in group_replies if isinstance(r, (MovedError, AskError))), None
+                )
+                if isinstance(redirect, MovedError):
+                    await manager.move_slot(redirect)
+                    key = requests[index][0]
+                    again[index] = (self._primary(manager, self._slot(key)), False)
+                elif isinstance(redirect, AskError):
+                    again[index] = ((redirect.host, int(redirect.port)), True)
+                elif any(isinstance(r, TryAgainError) for r in group_replies):
+                    again[index] = targets[index]
+                    pause = True
+                else:
+                    for reply in group_replies:
+                        # NOSCRIPT is left to the caller, which sends the script itself
+                        if isinstance(reply, ResponseError) and not isinstance(
+                            reply, NoScriptError
+                        ):
+                            raise reply
+                    results[index] = group_replies
+            if not again:
+                return [r for r in results if r is not None]
+            targets = again
+            if pause:
+                await asyncio.sleep(TRYAGAIN_PAUSE)
+        from redis.exceptions import ClusterError
+
+        raise ClusterError(f"still redirected after {MAX_REDIRECTS} tries")
+
+    async def _round(
+        self,
+        groups: Sequence[tuple[tuple[tuple[str, int], bool], Sequence[Sequence[Any]]]],
+        extra: float = 0.0,
+    ) -> list[list[Any]]:
+        """Send every group on a connection of its node, then read every reply, within one
+        operation timeout (plus `extra`: the time a WAIT may take on the server)."""
+        from redis.exceptions import ResponseError
+
+        gate = await self._enter_gate()
+        taken: list[tuple[tuple[str, int], Any]] = []
+        current: tuple[str, int] | None = None  # the node a failure is blamed on
+        try:
+            # connecting has its own timeout; the deadline bounds sending and replies
+            for (address, _), _ in groups:
+                current = address
+                taken.append((address, await self._connection(address)))
+            async with Deadline(self.operation_timeout + extra, taken[0][1]) as deadline:
+                for ((address, asking), commands), (_, connection) in zip(
+                    groups, taken, strict=True
+                ):
+                    current = address
+                    prefix: tuple[tuple[Any, ...], ...] = (("ASKING",),) if asking else ()
+                    packed = b"".join(pack(command) for command in (*prefix, *commands))
+                    await connection.send_packed_command(packed, check_health=False)
+                out: list[list[Any]] = []
+                for ((address, asking), commands), (_, connection) in zip(
+                    groups, taken, strict=True
+                ):
+                    current = address
+                    deadline.connection = connection
+                    replies: list[Any] = []
+                    for _ in range(len(commands) + int(asking)):
+                        try:
+                            replies.append(await connection.read_response())
+                        except ResponseError as exc:  # a whole reply: the connection is fine
+                            replies.append(exc)
+                    out.append(replies[int(asking) :])
+        except BaseException as exc:
+            self._mark_failed()
+            if isinstance(exc, Exception):
+                exc.sqlacache_node = current  # type: ignore[attr-defined]
+            for _, connection in taken:
+                with contextlib.suppress(Exception):
+                    await connection.disconnect()
+            raise
+        finally:
+            gate.release()
+        for address, connection in taken:
+            self._give_back(address, connection)
+        return out
+
+    def _call(self, command: Callable[[Any], Awaitable[T]], sync: Callable[[Any], T]) -> T:
+        """Run an off-the-hot-path command on redis-py's cluster client (async or sync)."""
+        if in_greenlet():
+            return await_(self._full(command))
+        return sync(self._sync_client())
+
+    async def _full(self, command: Callable[[Any], Awaitable[T]]) -> T:
+        await self._topology()
+        gate = await self._enter_gate()
+        try:
+            return await command(self._client)
+        except BaseException:
+            self._mark_failed()
+            raise
+        finally:
+            gate.release()
+
+    def _sync_client(self) -> Any:
+        if self._sync is None:
+            from redis.cluster import ClusterNode, RedisCluster
+
+            options = {
+                k: v
+                for k, v in self._cluster_options.items()
+                if k not in ("retry", "max_connections")
+            }
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+
+            self._sync = RedisCluster.from_url(
+                self._url,
+                startup_nodes=[ClusterNode(host, port) for host, port in self._startup],
+                retry=Retry(NoBackoff(), 0),
+                **options,
+            )
+            self._sync_scripts = {
+                name: self._sync.register_script(source) for name, source in self._sources.items()
+            }
+        return self._sync
+
+    # -- the operations ---------------------------------------------------------------------------
+
+    def fetch(self, keys: Sequence[str]) -> list[bytes | None]:
+        if in_greenlet():
+            return await_(self.fetch_async(keys))
+        # the sync cluster client pipelines no multi-key command: two round trips here, the
+        # versions first (an entry read after them is checked against them all the same)
+        client = self._sync_client()
+        meta = client.mget(list(keys[1:])) if len(keys) > 1 else []
+        entry = client.get(keys[0])
+        landing = self._landing_sync.get(keys[0])
+        if entry is None and landing is not None:  # a thread of this process is storing it
+            landing.wait(self.operation_timeout)
+            entry = client.get(keys[0])
+        return [entry, *meta]
+
+    async def fetch_async(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The entry (keys[0]) from its node and the meta keys (keys[1:], one slot) from the
+        meta node, in one round trip.
+
+        A failed entry node is a miss, not a failure: its entries are only a copy of the
+        database, while the meta node carries every invalidation. So the call still answers with
+        the versions, and the node is skipped for NODE_DOWN_SECONDS (or until the topology names
+        another master for its slots). Were it reported, the breaker would open and stop this
+        process's invalidations too, though the meta node could take them.
+        """
+        if len(keys) == 1:
+            (entry,) = await self._run([(keys[0], [("GET", keys[0])])])
+            return [entry[0]]
+        self._meta_slot = self._slot(keys[1])
+        meta_group = (keys[1], [("MGET", *keys[1:])])
+        entry_node = await self._node_of(keys[0])
+        if entry_node is not None and self._is_down(entry_node):
+            (meta,) = await self._run([meta_group])
+            return [None, *meta[0]]
+        try:
+            entry, meta = await self._run([(keys[0], [("GET", keys[0])]), meta_group])
+        except Exception as exc:
+            if entry_node is None or not self._blame_entry_node(exc, entry_node, keys[1]):
+                raise
+            (meta,) = await self._run([meta_group])
+            return [None, *meta[0]]
+        if entry[0] is None:
+            return [await self._landed(keys[0]), *meta[0]]
+        return [entry[0], *meta[0]]
+
+    async def _landed(self, key: str) -> bytes | None:
+        """The entry, if this process is writing it right now (between the two halves of its
+        fill): a reader that finds the new versions but not yet the entry waits for the SET
+        (one round trip) instead of missing. Read after the versions, which is safe: the caller
+        still checks the entry's stamp against them."""
+        landing = self._landing.get(key)
+        if landing is None or landing.get_loop() is not asyncio.get_running_loop():
+            return None
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(landing), self.operation_timeout)
+        (entry,) = await self._run([(key, [("GET", key)])])
+        return entry[0]
+
+    async def _node_of(self, key: str) -> tuple[str, int] | None:
+        manager = await self._topology()
+        nodes = manager.slots_cache.get(self._slot(key))
+        return (nodes[0].host, int(nodes[0].port)) if nodes else None
+
+    def _is_down(self, node: tuple[str, int]) -> bool:
+        until = self._down.get(node)
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        del self._down[node]
+        return False
+
+    def _blame_entry_node(self, exc: Exception, entry_node: tuple[str, int], meta_key: str) -> bool:
+        """Whether `exc` was a transport failure of the entry's node alone (then it is marked
+        down); False for anything else, or when the meta node is that same node."""
+        from redis.exceptions import ConnectionError, TimeoutError
+
+        transport = isinstance(exc, ConnectionError | TimeoutError | OSError | asyncio.TimeoutError)
+        blamed = getattr(exc, "sqlacache_node", None)
+        manager = self._client.nodes_manager
+        meta_nodes = manager.slots_cache.get(self._slot(meta_key)) or []
+        meta_node = (meta_nodes[0].host, int(meta_nodes[0].port)) if meta_nodes else None
+        if not transport or blamed != entry_node or blamed == meta_node:
+            return False
+        self._down[entry_node] = time.monotonic() + NODE_DOWN_SECONDS
+        return True
+
+    def store(self, fill: Fill) -> None:
+        if in_greenlet():
+            await_(self.store_async(fill))
+            return
+        keys, args = _versions_arguments(fill)
+        client = self._sync_client()
+        landing = self._landing_sync[fill.entry_key] = threading.Event()
+        try:
+            valid = 1
+            if keys:
+                valid = int(self._sync_scripts["fill_versions"](keys=keys, args=args))
+            if valid:
+                client.set(fill.entry_key, fill.value, px=fill.ttl_ms)
+        finally:
+            landing.set()
+            if self._landing_sync.get(fill.entry_key) is landing:
+                del self._landing_sync[fill.entry_key]
+
+    async def store_async(self, fill: Fill) -> None:
+        """Store a fill (see `_fill`); readers of this process that find its versions before its
+        entry wait for the entry (see `_landed`)."""
+        landing = asyncio.get_running_loop().create_future()
+        self._landing[fill.entry_key] = landing
+        try:
+            await self._fill(fill)
+        finally:
+            landing.set_result(None)
+            if self._landing.get(fill.entry_key) is landing:
+                del self._landing[fill.entry_key]
+
+    async def _fill(self, fill: Fill) -> None:
+        """A fill in two steps, where a single Redis runs one script (lua/fill.lua).
+
+        First the version half (lua/fill_versions.lua) on the meta slot, atomically: it creates
+        the versions the entry's stamp names and answers whether every one now holds the token
+        the entry was stamped with. Then, only if so, the entry is SET with its TTL on its own
+        node. This is as safe as the single script: a reader serves an entry only if its stamp
+        equals the versions it reads in the same fetch, so an entry written after a concurrent
+        bump (between the two steps, or at any time) carries the old tokens and never validates.
+        Versions are written before the entry, so a reader never finds the entry without them
+        (and if it did, a missing version never validates). Row versions the script creates or
+        raises outlive the entry by ROW_VERSION_MARGIN_MS, far more than the gap between steps.
+        """
+        keys, args = _versions_arguments(fill)
+        if keys:
+            meta_key = keys[0]
+            (replies,) = await self._run([(meta_key, [self._evalsha("fill_versions", keys, args)])])
+            valid = await self._script_reply(meta_key, "fill_versions", keys, args, replies[0])
+            if not valid:
+                return
+        # the entry's own node failing is no failure of the cache: the entry is simply not kept
+        entry_node = await self._node_of(fill.entry_key)
+        if entry_node is not None and self._is_down(entry_node):
+            return
+        write = (fill.entry_key, [("SET", fill.entry_key, fill.value, "PX", fill.ttl_ms)])
+        try:
+            await self._run([write])
+        except Exception as exc:
+            if (
+                entry_node is None
+                or not keys
+                or not self._blame_entry_node(exc, entry_node, keys[0])
+            ):
+                raise
+
+    def _evalsha(self, name: str, keys: list[str], args: list[Any]) -> tuple[Any, ...]:
+        return ("EVALSHA", self._shas[name], len(keys), *keys, *args)
+
+    async def _script_reply(
+        self, key: str, name: str, keys: list[str], args: list[Any], reply: Any
+    ) -> Any:
+        """A script's reply; EVAL once if the node lost its scripts (a restart, a new master)."""
+        from redis.exceptions import NoScriptError
+
+        if not isinstance(reply, NoScriptError):
+            return reply
+        (replies,) = await self._run(
+            [(key, [("EVAL", self._sources[name], len(keys), *keys, *args)])]
+        )
+        return replies[0]
+
+    def bump(self, bump: Bump, token: bytes, row_ttl_ms: int, lease_ttl_ms: int) -> None:
+        if in_greenlet():
+            await_(self.bump_async(bump, token, row_ttl_ms, lease_ttl_ms))
+            return
+        keys, args = self._bump_arguments(bump, token, row_ttl_ms, lease_ttl_ms)
+        client = self._sync_client()
+        node = client.get_node_from_key(keys[0])
+        connection = client.get_redis_connection(node)
+        pipe = connection.pipeline(transaction=False)
+        self._sync_scripts["bump"](keys=keys, args=args, client=pipe)
+        replicas = min(1, _connected_replicas(connection.info("replication")))
+        if replicas:  # within the sync client's socket timeout, which bounds the whole reply
+            pipe.execute_command("WAIT", replicas, max(1, self._wait_ms() * 3 // 4))
+        replies = pipe.execute()
+        if replicas and int(replies[-1]) < replicas:
+            raise ReplicationShortfall(f"bump reached {replies[-1]} of {replicas} replicas")
+
+    @property
+    def connection_options(self) -> dict[str, Any]:
+        """Options of a plain client to one node (the tier's subscriber: a cluster forwards
+        classic pub/sub messages to every node)."""
+        return _plain_options(self._options, self._url)
+
+    def _bump_arguments(
+        self, bump: Bump, token: bytes, row_ttl_ms: int, lease_ttl_ms: int
+    ) -> tuple[list[str], list[Any]]:
+        keys, args = bump_arguments(bump, token, row_ttl_ms, lease_ttl_ms)
+        return keys, [*args, self.channel, self.channel_strip]
+
+    def publish(self, channel: str, message: bytes) -> None:
+        """One PUBLISH (the cashews bridge); a cluster forwards it to every node."""
+        self._call(lambda c: c.publish(channel, message), lambda c: c.publish(channel, message))
+
+    async def bump_async(
+        self, bump: Bump, token: bytes, row_ttl_ms: int, lease_ttl_ms: int
+    ) -> None:
+        """lua/bump.lua on the meta slot (it touches only version and lease keys), then WAIT on
+        the same connection: acknowledged once a replica of the meta slot holds it."""
+        keys, args = self._bump_arguments(bump, token, row_ttl_ms, lease_ttl_ms)
+        self._meta_slot = self._slot(keys[0])
+        replicas = min(1, await self._replicas_of(keys[0]))
+        commands: list[tuple[Any, ...]] = [self._evalsha("bump", keys, args)]
+        if replicas > 0:
+            commands.append(("WAIT", replicas, self._wait_ms()))
+        wait = self._wait_ms() / 1000 if replicas > 0 else 0.0
+        (replies,) = await self._run([(keys[0], commands)], wait)
+        from redis.exceptions import NoScriptError
+
+        if isinstance(replies[0], NoScriptError):
+            commands[0] = ("EVAL", self._sources["bump"], len(keys), *keys, *args)
+            (replies,) = await self._run([(keys[0], commands)], wait)
+        if replicas > 0 and int(replies[-1]) < replicas:
+            self._mark_failed()  # a failed replica drops out of the topology once refreshed
+            raise ReplicationShortfall(f"bump reached {replies[-1]} of {replicas} replicas")
+
+    def _wait_ms(self) -> int:
+        return max(1, int(self.operation_timeout * 1000))
+
+    async def _replicas_of(self, key: str) -> int:
+        """How many replicas the master of `key`'s slot has (asked once per master, and again
+        after a failure: a replica that died drops out of WAIT's count)."""
+        node = await self._node_of(key)
+        if node is None:
+            return 0
+        count = self._replica_counts.get(node)
+        if count is None:
+            (replies,) = await self._run([(key, [("INFO", "replication")])])
+            count = self._replica_counts[node] = _connected_replicas(replies[0])
+        return count
+
+    def delete(self, key: str) -> None:
+        self._call(lambda c: c.unlink(key), lambda c: c.unlink(key))
+
+    def try_lock(self, key: str, token: bytes, ttl_ms: int) -> bool:
+        return bool(
+            self._call(
+                lambda c: c.set(key, token, nx=True, px=ttl_ms),
+                lambda c: c.set(key, token, nx=True, px=ttl_ms),
+            )
+        )
+
+    def unlock(self, key: str, token: bytes) -> None:
+        source = self._sources["unlock"]
+        self._call(
+            lambda c: c.eval(source, 1, key, token),
+            lambda c: self._sync_scripts["unlock"](keys=[key], args=[token]),
+        )
+
+    def add_member(self, key: str, member: str) -> None:
+        self._call(lambda c: c.sadd(key, member), lambda c: c.sadd(key, member))
+
+    def warm_up(self) -> None:
+        """Learn the topology and open a few connections to every master now."""
+        if in_greenlet():
+            await_(self._warm_up_async())
+        else:
+            self._sync_client().ping(target_nodes="primaries")
+
+    async def _warm_up_async(self) -> None:
+        manager = await self._topology()
+        addresses = {
+            (n.host, int(n.port))
+            for n in manager.nodes_cache.values()
+            if n.server_type == "primary"
+        }
+        groups = [((address, False), [("PING",)]) for address in sorted(addresses)]
+        # several connections per master, opened together: the first burst of requests then
+        # finds working connections instead of all connecting at once on a busy event loop
+        await asyncio.gather(*(self._round(groups) for _ in range(WARM_CONNECTIONS)))
+
+    def members(self, key: str) -> list[str]:
+        raw = self._call(lambda c: c.smembers(key), lambda c: c.smembers(key))
+        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in raw)
+
+    def delete_entries(self, pattern_prefix: str) -> int:
+        """SCAN every master (entries are spread over all of them) and unlink what matches."""
+        match = glob_escape(pattern_prefix) + "*"
+        if in_greenlet():
+            return await_(self._full(lambda c: _delete_matching_async(c, match)))
+        client = self._sync_client()
+        deleted = 0
+        for key in list(client.scan_iter(match=match, count=1000)):
+            deleted += client.unlink(key)
+        return deleted
+
+    def count_keys(self, pattern_prefix: str) -> int:
+        match = glob_escape(pattern_prefix) + "*"
+        if in_greenlet():
+            return await_(self._full(lambda c: _count_matching_async(c, match)))
+        return sum(1 for _ in self._sync_client().scan_iter(match=match, count=1000))
+
+    def ping(self) -> None:
+        """After a topology refresh, the meta slot's master answers (every master, before the
+        meta slot is known): the breaker's probe closes once invalidations can be delivered
+        again; entry nodes that are still down only cost their entries (see `fetch_async`)."""
+        if in_greenlet():
+            await_(self._ping_async())
+        else:
+            client = self._sync_client()
+            client.nodes_manager.initialize()
+            client.ping(target_nodes="primaries")
+
+    async def _ping_async(self) -> None:
+        self._refresh_now()
+        manager = await self._topology()
+        slots = manager.slots_cache
+        if self._meta_slot is not None and slots.get(self._meta_slot):
+            # the meta slot's master is what invalidations need; entry nodes may be down
+            slots = {self._meta_slot: slots[self._meta_slot]}
+        addresses = {tuple(nodes[0].name.rsplit(":", 1)) for nodes in slots.values()}
+        await self._round(
+            [(((host, int(port)), False), [("PING",)]) for host, port in sorted(addresses)]
+        )
+
+    def server_id(self) -> str | None:
+        """An identity of the cluster's data that changes when a master restarted or was
+        replaced: then the namespace moves to a new epoch (the manager compares identities).
+
+        Only the master of the meta slot holds data that can validate entries: an entry lost on
+        another master is a miss, and one restored there from an old snapshot carries a stamp that
+        current versions never match. So once `bind_namespace` named the meta slot, the identity
+        is that master's run id, and failovers of the other masters move nothing. Without it,
+        the identity is the run ids of every master: any failover or restart then costs one epoch
+        move (every entry misses once), never a stale read. A clean failover of the meta slot's
+        master also moves the epoch once; that is what makes an unclean one safe, where the
+        replica may lack the old master's last writes (bumps themselves wait for a replica).
+        """
+        if in_greenlet():
+            return await_(self._server_id_async())
+        client = self._sync_client()
+        client.nodes_manager.initialize()  # who is master now, not who was
+        if self.meta_key is not None:
+            node = client.get_node_from_key(self.meta_key)
+            return _run_id(client.get_redis_connection(node).info("server"))
+        replies = client.info("server", target_nodes="primaries")
+        infos = replies.values() if "run_id" not in replies else [replies]
+        return _joined(_run_id(info) for info in infos)
+
+    async def _server_id_async(self) -> str | None:
+        self._refresh_now()  # who is master now, not who was
+        if self.meta_key is not None:
+            (replies,) = await self._run([(self.meta_key, [("INFO", "server")])])
+            return _run_id(replies[0])
+        manager = await self._topology()
+        primaries = sorted({(n[0].host, int(n[0].port)) for n in manager.slots_cache.values()})
+        try:
+            replies = await self._round(
+                [((address, False), [("INFO", "server")]) for address in primaries]
+            )
+        except Exception:
+            # A master that does not answer (its replica not yet promoted) must not hold up
+            # the redelivery of invalidations, which need only the meta slot: no identity this
+            # time; the next check compares again.
+            return None
+        return _joined(_run_id(reply[0]) for reply in replies)
+
+    def bind_namespace(self, meta_key: str) -> None:
+        """Name a key of the meta slot (e.g. the namespace's epoch key): `server_id` then follows
+        only that slot's master. Call it once, before the first `server_id`."""
+        self.meta_key = meta_key
+        self._meta_slot = self._slot(meta_key)
+
+    def check_config(self) -> None:
+        """Raise `ConfigError` if the server named by the URL is not a cluster node; None if it
+        is, or if it cannot be reached (that is an outage, reported by the breaker)."""
+        if in_greenlet():
+            await_(self._check_config_async())
+        else:
+            import redis
+
+            host, port = self._startup[0]
+            client = redis.Redis(host=host, port=port, **_plain_options(self._options, self._url))
+            try:
+                _require_cluster(_cluster_enabled(client.info("cluster")), self._url, True)
+            except redis.ConnectionError:
+                return
+            except redis.TimeoutError:
+                return
+            finally:
+                client.close()
+
+    async def _check_config_async(self) -> None:
+        import redis.asyncio as aioredis
+        from redis.exceptions import ConnectionError, TimeoutError
+
+        host, port = self._startup[0]
+        client = aioredis.Redis(host=host, port=port, **_plain_options(self._options, self._url))
+        try:
+            info = await client.info("cluster")
+        except (ConnectionError, TimeoutError):
+            return
+        finally:
+            await client.aclose()
+        _require_cluster(_cluster_enabled(info), self._url, True)
+
+    def close(self) -> None:
+        if self._sync is not None:
+            with contextlib.suppress(Exception):
+                self._sync.close()
+            self._sync = None
+        if in_greenlet():
+            await_(self.aclose())
+
+    async def aclose(self) -> None:
+        if self._sync is not None:
+            with contextlib.suppress(Exception):
+                self._sync.close()
+            self._sync = None
+        idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for connection in connections:
+                with contextlib.suppress(Exception):
+                    await connection.disconnect()
+        with contextlib.suppress(Exception):
+            await self._client.aclose()
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _sha1(source: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(source.encode()).hexdigest()
+
+
+def _connected_replicas(info: Any) -> int:
+    """`connected_slaves` of an INFO replication reply (a dict, or raw text)."""
+    if isinstance(info, dict):
+        return int(info.get("connected_slaves", 0))
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    for line in text.splitlines():
+        if line.startswith("connected_slaves:"):
+            return int(line.split(":", 1)[1])
+    return 0
+
+
+def _url_node(url: str) -> tuple[str, int]:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 6379
+
+
+def _run_id(info: Any) -> str | None:
+    """The run_id in an INFO reply (parsed into a dict, or raw text)."""
+    if isinstance(info, dict):
+        value = info.get("run_id")
+        return None if value is None else str(value)
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    for line in text.splitlines():
+        if line.startswith("run_id:"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def _joined(run_ids: Any) -> str | None:
+    ids = list(run_ids)
+    return None if not ids or None in ids else ",".join(sorted(ids))
+
+
+def _versions_arguments(fill: Fill) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of lua/fill_versions.lua (no KEYS when the fill initialises nothing)."""
+    keys: list[str] = []
+    args: list[Any] = [
+        len(fill.init_rows),
+        len(fill.init),
+        fill.extend_ms,
+        1 if fill.init_rows and fill.guard_rows() else 0,
+    ]
+    for key, token, guard, seen, planned in fill.init_rows:
+        keys += (key, guard)
+        args += (token, seen or b"", planned)
+    keys += [key for key, _, _ in fill.init]
+    args += [token for _, token, _ in fill.init]
+    keys += fill.extend
+    return keys, args
+
+
+async def _delete_matching_async(client: Any, match: str) -> int:
+    deleted = 0
+    batch: list[bytes] = []
+    async for key in client.scan_iter(match=match, count=1000):
+        batch.append(key)
+        if len(batch) >= 500:
+            deleted += await client.unlink(*batch)
+            batch.clear()
+    if batch:
+        deleted += await client.unlink(*batch)
+    return int(deleted)
+
+
+async def _count_matching_async(client: Any, match: str) -> int:
+    return len([k async for k in client.scan_iter(match=match, count=1000)])
+
+
+def _plain_options(options: dict[str, Any], url: str) -> dict[str, Any]:
+    """Options of a one-off client to the URL's own node: no retries (an outage answers fast)."""
+    from redis.backoff import NoBackoff
+    from redis.connection import parse_url
+    from redis.retry import Retry
+
+    keep = ("socket_timeout", "socket_connect_timeout", "protocol", "username", "password")
+    out: dict[str, Any] = {k: v for k, v in options.items() if k in keep}
+    out["retry"] = Retry(NoBackoff(), 0)
+    for name, value in parse_url(url).items():
+        if name in ("username", "password"):
+            out.setdefault(name, value)
+    if url.startswith("rediss://"):
+        out["ssl"] = True
+    return out
+
+
+def _cluster_enabled(info: Any) -> bool:
+    return (
+        str(info.get("cluster_enabled", 0)) in ("1", "True", "true")
+        if isinstance(info, dict)
+        else False
+    )
+
+
+def _require_cluster(enabled: bool, url: str, wanted: bool) -> None:
+    if enabled == wanted:
+        return
+    if wanted:
+        raise ConfigError(
+            f"backend {url!r} asks for Redis Cluster (cluster=true), but that server is not a "
+            "cluster node (cluster_enabled:0): drop '?cluster=true' or point it at a cluster node"
+        )
+    raise ConfigError(
+        f"backend {url!r}: that Redis server has cluster mode enabled, use "
+        "'?cluster=true' (or the mapping form with 'startup_nodes')"
+    )
+
+
+def check_config(store: Any) -> None:
+    """Raise `ConfigError` when the backend's cluster mode contradicts the configuration.
+
+    For a `ClusterStore`, the server must be a cluster node; for a plain `RedisStore`, it must
+    not be one (a cluster node answers MOVED for most keys). None when it agrees, for `mem://`,
+    and when the server cannot be reached (an outage, not a mistake). Meant to run at `bind()`,
+    outside the circuit breaker, so that the `ConfigError` reaches the caller.
+    """
+    own = getattr(store, "check_config", None)
+    if own is not None:
+        own()
+        return
+    client = getattr(store, "client", None)
+    if client is None or not getattr(store, "shared", False):
+        return
+    from redis.exceptions import ConnectionError, TimeoutError
+
+    url = str(getattr(store, "_url", "redis://"))
+    try:
+        if in_greenlet():
+            info = await_(client.info("cluster"))
+        else:
+            info = store._sync_client().info("cluster")
+    except (ConnectionError, TimeoutError):
+        return
+    _require_cluster(_cluster_enabled(info), url, False)
