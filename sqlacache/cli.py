@@ -242,7 +242,7 @@ def _glob_escape(text: str) -> str:
 
 
 def _mapped_tables() -> dict[str, Table]:
-    from .analysis import MAPPERS
+    from .mapped import MAPPERS
 
     tables: dict[str, Table] = {}
     for mapper in MAPPERS.all_mappers():
@@ -254,7 +254,7 @@ def _mapped_tables() -> dict[str, Table]:
 
 
 def _model_paths() -> list[str]:
-    from .analysis import MAPPERS
+    from .mapped import MAPPERS
 
     return [f"{m.class_.__module__}.{m.class_.__qualname__}" for m in MAPPERS.all_mappers()]
 

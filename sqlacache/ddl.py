@@ -31,7 +31,7 @@ _WORDS = re.compile(r'"?([A-Za-z_][\w$]*)"?(?:\s*\.\s*"?([A-Za-z_][\w$]*)"?)?')
 
 def known_tables() -> list[Table]:
     """Every table of the metadata of every mapped class (what a cached statement can read)."""
-    from .analysis import MAPPERS
+    from .mapped import MAPPERS
 
     seen: dict[int, Table] = {}
     metadatas: dict[int, Any] = {}

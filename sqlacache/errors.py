@@ -6,6 +6,9 @@ and for the explicit management calls (`invalidate`, `invalidate_all`) that must
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class CacheError(Exception):
     """Base class of every sqlacache exception."""
@@ -24,3 +27,9 @@ class TransportError(CacheError):
 
 class CacheUnavailable(CacheError):
     """Internal: the backend failed or the circuit breaker is open; the caller falls back to SQL."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """ "; did you mean 'x'?" for the closest of `choices`, or "" (error messages name the fix)."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""

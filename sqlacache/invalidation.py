@@ -19,12 +19,12 @@ from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Mapper
 
 from ._greenlet import await_, in_greenlet
-from .analysis import MAPPERS
 from .backends.base import Bump
 from .cashews_bridge import tags_of
 from .config import CacheConfig, import_class
 from .errors import CacheUnavailable, ConfigError
 from .keys import WRITTEN_ROW_TTL_MS, Namespace, UnstableValue, new_token, pk_text
+from .mapped import MAPPERS
 from .resilience import Breaker, GuardedStore
 from .stats import Stats
 from .writes import WriteSet, cascade_targets

@@ -20,7 +20,8 @@ from sqlalchemy.engine.result import IteratorResult, Result
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_state
 
-from .analysis import Plan, ResultShape, mapper_tables, relationship_tables
+from .analysis import Plan, ResultShape
+from .mapped import mapper_tables, relationship_tables
 from .serialize import PayloadError, Snapshot
 
 

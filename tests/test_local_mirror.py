@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from sqlacache.local_tier import Mirror
+from sqlacache.mirror import Mirror
 
 K = "p:{p}:v:db:users"
 
@@ -95,7 +95,7 @@ def test_an_own_message_overtaken_before_the_reply_leaves_the_newer_token():
 def test_an_own_message_forgotten_before_the_reply_is_resolved_by_the_next_heartbeat(
     monkeypatch,
 ):
-    import sqlacache.local_tier as local_tier
+    import sqlacache.mirror as local_tier
 
     monkeypatch.setattr(local_tier, "DELIVERED_MEMORY", 1)
     mirror, epoch = live_mirror()

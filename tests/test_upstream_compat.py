@@ -294,7 +294,7 @@ def test_retry_on_timeout_is_accepted_and_said_to_have_no_effect(caplog):
 
 def test_mem_backend_option_list_covers_the_installed_redis_py():
     pytest.importorskip("redis")
-    from sqlacache import config
+    from sqlacache import backend_config as config
 
     for scheme in ("redis", "rediss", "unix"):
         accepted = set(config.redis_option_parsers(scheme)) - set(config.FORBIDDEN_URL_OPTIONS)

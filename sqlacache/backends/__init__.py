@@ -3,7 +3,7 @@ backend it has. `make_store` picks one from the configured URL."""
 
 from __future__ import annotations
 
-from ..config import BackendConfig
+from ..backend_config import BackendConfig
 from .base import Bump, Fill, Store
 from .memory import MemoryStore
 

@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from .._greenlet import await_, in_greenlet
-from ..config import BackendConfig
+from ..backend_config import BackendConfig
 from ..errors import ConfigError
 from .base import Bump, Fill
 from .redis import (  # the constants and scripts both Redis backends share

@@ -21,7 +21,7 @@ from importlib import resources
 from typing import Any, TypeVar
 
 from .._greenlet import await_, in_greenlet
-from ..config import BackendConfig
+from ..backend_config import BackendConfig
 from ..loops import LoopLocal
 from .base import Bump, Fill
 from .resp import (
