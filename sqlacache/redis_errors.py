@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from .errors import ConfigError
+
 #: what a user without these cannot do to the cache (for the ACL advice)
 NEEDED_COMMANDS = "PING INFO MGET SET UNLINK SADD SMEMBERS SCAN EVALSHA EVAL PUBLISH SUBSCRIBE"
 
@@ -99,3 +101,31 @@ def _setting(url: str | None, options: Mapping[str, Any], part: str) -> str | No
     except Exception:
         return None
     return None if value is None else str(value)
+
+
+def require_cluster_mode(info: Any, url: str, *, wanted: bool) -> None:
+    """Raise `ConfigError` when a server's `INFO cluster` contradicts the backend URL: a cluster
+    URL on a plain Redis, or a plain URL on a cluster node."""
+    _require_cluster(_cluster_enabled(info), url, wanted)
+
+
+def _cluster_enabled(info: Any) -> bool:
+    return (
+        str(info.get("cluster_enabled", 0)) in ("1", "True", "true")
+        if isinstance(info, dict)
+        else False
+    )
+
+
+def _require_cluster(enabled: bool, url: str, wanted: bool) -> None:
+    if enabled == wanted:
+        return
+    if wanted:
+        raise ConfigError(
+            f"backend {url!r} asks for Redis Cluster (cluster=true), but that server is not a "
+            "cluster node (cluster_enabled:0): drop '?cluster=true' or point it at a cluster node"
+        )
+    raise ConfigError(
+        f"backend {url!r}: that Redis server has cluster mode enabled, use "
+        "'?cluster=true' (or the mapping form with 'startup_nodes')"
+    )

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 from .._greenlet import await_, in_greenlet
 from ..backend_config import BackendConfig
-from ..errors import ConfigError
+from ..redis_errors import require_cluster_mode
 from .base import Bump, Fill
 from .redis import (  # the constants and scripts both Redis backends share
     DEFAULT_MAX_CONNECTIONS,
@@ -753,27 +753,26 @@ class ClusterStore:
             host, port = self._startup[0]
             client = redis.Redis(host=host, port=port, **_plain_options(self._options, self._url))
             try:
-                _require_cluster(_cluster_enabled(client.info("cluster")), self._url, True)
-            except redis.ConnectionError:
-                return
-            except redis.TimeoutError:
+                info = client.info("cluster")
+            except redis.RedisError:  # an outage, or a mistake the guarded calls will name
                 return
             finally:
                 client.close()
+            require_cluster_mode(info, self._url, wanted=True)
 
     async def _check_config_async(self) -> None:
         import redis.asyncio as aioredis
-        from redis.exceptions import ConnectionError, TimeoutError
+        from redis.exceptions import RedisError
 
         host, port = self._startup[0]
         client = aioredis.Redis(host=host, port=port, **_plain_options(self._options, self._url))
         try:
             info = await client.info("cluster")
-        except (ConnectionError, TimeoutError):
+        except RedisError:  # an outage, or a mistake the guarded calls will name
             return
         finally:
             await client.aclose()
-        _require_cluster(_cluster_enabled(info), self._url, True)
+        require_cluster_mode(info, self._url, wanted=True)
 
     def close(self) -> None:
         if self._sync is not None:
@@ -893,51 +892,15 @@ def _plain_options(options: dict[str, Any], url: str) -> dict[str, Any]:
     return out
 
 
-def _cluster_enabled(info: Any) -> bool:
-    return (
-        str(info.get("cluster_enabled", 0)) in ("1", "True", "true")
-        if isinstance(info, dict)
-        else False
-    )
-
-
-def _require_cluster(enabled: bool, url: str, wanted: bool) -> None:
-    if enabled == wanted:
-        return
-    if wanted:
-        raise ConfigError(
-            f"backend {url!r} asks for Redis Cluster (cluster=true), but that server is not a "
-            "cluster node (cluster_enabled:0): drop '?cluster=true' or point it at a cluster node"
-        )
-    raise ConfigError(
-        f"backend {url!r}: that Redis server has cluster mode enabled, use "
-        "'?cluster=true' (or the mapping form with 'startup_nodes')"
-    )
-
-
 def check_config(store: Any) -> None:
     """Raise `ConfigError` when the backend's cluster mode contradicts the configuration.
 
     For a `ClusterStore`, the server must be a cluster node; for a plain `RedisStore`, it must
     not be one (a cluster node answers MOVED for most keys). None when it agrees, for `mem://`,
-    and when the server cannot be reached (an outage, not a mistake). Meant to run at `bind()`,
-    outside the circuit breaker, so that the `ConfigError` reaches the caller.
+    and when the server cannot answer (an outage, or a mistake the breaker's classification
+    names). Meant to run at `bind()`, outside the circuit breaker, so that the `ConfigError`
+    reaches the caller.
     """
     own = getattr(store, "check_config", None)
     if own is not None:
         own()
-        return
-    client = getattr(store, "client", None)
-    if client is None or not getattr(store, "shared", False):
-        return
-    from redis.exceptions import ConnectionError, TimeoutError
-
-    url = str(getattr(store, "_url", "redis://"))
-    try:
-        if in_greenlet():
-            info = await_(client.info("cluster"))
-        else:
-            info = store._sync_client().info("cluster")
-    except (ConnectionError, TimeoutError):
-        return
-    _require_cluster(_cluster_enabled(info), url, False)

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from .._greenlet import await_, in_greenlet
 from ..backend_config import BackendConfig
 from ..loops import LoopLocal
+from ..redis_errors import require_cluster_mode
 from .base import Bump, Fill
 from .resp import (
     Deadline,
@@ -363,6 +364,18 @@ class RedisStore:
 
     async def _count_matching_async(self, match: str) -> int:
         return len([k async for k in self.client.scan_iter(match=match, count=1000)])
+
+    def check_config(self) -> None:
+        """Raise `ConfigError` if this server is a Redis Cluster node (the URL then needs
+        `?cluster=true`). Any other failure is left to the guarded calls that follow at `bind()`:
+        an outage stays an outage, and a refused password or database is named by them."""
+        from redis.exceptions import RedisError
+
+        try:
+            info = self._call(lambda c: c.info("cluster"))
+        except (RedisError, OSError, asyncio.TimeoutError):
+            return
+        require_cluster_mode(info, self._url, wanted=False)
 
     def ping(self) -> None:
         self._call(lambda c: c.ping())
