@@ -353,7 +353,7 @@ def _entity_mappers(statement: Any) -> list[Mapper[Any]]:
 
 
 def classify(statement: Any, entity_mappers: list[Mapper[Any]]) -> str:
-    """exists > count > get > fetch, as SPEC §1 orders them (get is confirmed by `_pk_params`)."""
+    """The op, decided in the order exists > count > get > fetch (get is confirmed by `_pk_params`)."""
     columns = [_unlabel(c) for c in statement.selected_columns]
     if len(columns) == 1 and isinstance(columns[0], Exists):
         return "exists"

@@ -2,7 +2,7 @@
 and `Databases`, the engines a cache is bound to, held weakly.
 
 Tables are named by schema-qualified name *after* `schema_translate_map`, on reads and writes
-alike, so two tenants' `users` tables have separate versions (SPEC C7).
+alike, so two tenants' `users` tables have separate versions and never share entries.
 """
 
 from __future__ import annotations

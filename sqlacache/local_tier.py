@@ -252,7 +252,7 @@ class Subscriber:
     for heartbeats.
 
     A thread rather than a task on the application's event loop: the mirror serves every loop and
-    thread of the process (SPEC F6: several loops, loops that close), and heartbeats keep their
+    thread of the process (several loops, loops that close), and heartbeats keep their
     rhythm while an event loop is busy with CPU work - a late heartbeat would only make the tier
     stop serving, but a missed one must never be mistaken for a healthy connection.
     """

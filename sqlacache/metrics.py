@@ -1,4 +1,4 @@
-"""Optional exporters of `cache.stats()` to Prometheus and OpenTelemetry (SPEC §6).
+"""Optional exporters of `cache.stats()` to Prometheus and OpenTelemetry.
 
 Both read the counters when scraped or collected, so they add nothing to the request path:
 

@@ -1,4 +1,4 @@
-"""Serialisation: a result snapshot to bytes and back, without ever executing code (SPEC S1).
+"""Serialisation: a result snapshot to bytes and back, without ever executing code.
 
 The default format is JSON. Values that JSON cannot carry are converted by a per-column codec
 chosen from a fixed table (datetime, Decimal, UUID, bytes, ...), so decoding never looks up a class
