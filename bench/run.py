@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import itertools
 import os
@@ -17,7 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,11 +167,39 @@ class Backend:
     uses_redis: bool = False
 
 
-def backends(redis_url: str | None) -> list[Backend]:
+def backends(redis_url: str | None, cluster_url: str | None = None) -> list[Backend]:
     out = [Backend("mem", "mem://")]
     if redis_url:
         out.append(Backend("redis", redis_url, uses_redis=True))
+        out.append(Backend("redis_tier", redis_url, {"local": True}, uses_redis=True))
+    if cluster_url and redis_url:  # RTT, the reference, is measured on the single Redis
+        out.append(Backend("cluster", cluster_url, uses_redis=True))
     return out
+
+
+@contextlib.contextmanager
+def local_cluster(notes: list[str]) -> Iterator[str | None]:
+    """A 3 + 3 Redis Cluster on loopback ports for the P9 phase (the tests' own kit), unless
+    SQLACACHE_BENCH_CLUSTER=0 or redis-server cannot start one here."""
+    if os.environ.get("SQLACACHE_BENCH_CLUSTER", "1") == "0" or not shutil.which("redis-server"):
+        notes.append("no Redis Cluster phase (SQLACACHE_BENCH_CLUSTER=0 or no redis-server)")
+        yield None
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from integration.clusterkit import LocalCluster
+
+    cluster = LocalCluster()
+    try:
+        cluster.start()
+    except Exception as exc:
+        notes.append(f"no Redis Cluster phase: the local cluster did not start ({exc})")
+        cluster.stop()
+        yield None
+        return
+    try:
+        yield cluster.url
+    finally:
+        cluster.stop()
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -307,13 +336,16 @@ async def main(settings: Settings) -> int:
         print("NOTE:", note)
 
     phases: dict[str, Any] = {}
+    cluster = local_cluster(notes) if redis_url else contextlib.nullcontext(None)
     try:
-        for backend in backends(redis_url):
+        cluster_url = cluster.__enter__()
+        for backend in backends(redis_url, cluster_url):
             print(
                 f"... measuring {backend.label} ({time.perf_counter() - started:.0f}s)", flush=True
             )
             phases[backend.label] = await run_phase(env, backend)
     finally:
+        cluster.__exit__(None, None, None)
         floor.remove()
         sql.unlisten()
         await plain.dispose()

@@ -27,13 +27,21 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from .._greenlet import await_, in_greenlet
 from ..backend_config import BackendConfig
 from ..redis_errors import require_cluster_mode
 from .base import Bump, Fill
+from .cluster_nodes import (
+    ClusterNodes,
+    connected_replicas,
+    joined,
+    plain_options,
+    run_id,
+    url_node,
+)
 from .redis import (  # the constants and scripts both Redis backends share
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_POOL_TIMEOUT,
@@ -42,18 +50,12 @@ from .redis import (  # the constants and scripts both Redis backends share
     _lua,
     bump_arguments,
 )
-from .resp import Deadline, PoolExhausted, glob_escape, no_handshake_metadata, pack
+from .resp import glob_escape, no_handshake_metadata
 
 T = TypeVar("T")
 
-#: Redirections (MOVED, ASK) and TRYAGAIN answers one operation follows before it gives up.
-MAX_REDIRECTS = 5
-#: Pause before repeating a command the cluster answered TRYAGAIN (a slot migrating its keys).
-TRYAGAIN_PAUSE = 0.005
 #: How long an entry node that failed is skipped (its reads are misses, its fills dropped).
 NODE_DOWN_SECONDS = 0.5
-#: A topology refresh after a failure runs at most this often.
-REFRESH_INTERVAL = 0.25
 _SCRIPTS = ("bump", "fill_versions", "unlock")
 
 
@@ -62,7 +64,7 @@ class ReplicationShortfall(Exception):
     failover, so it is reported as undelivered (and redelivered)."""
 
 
-class ClusterStore:
+class ClusterStore(ClusterNodes):
     """The shared store on a Redis Cluster (`redis://host:port?cluster=true`)."""
 
     shared = True
@@ -82,7 +84,7 @@ class ClusterStore:
         self.operation_timeout = float(options["socket_timeout"])
         self._pool_timeout = float(options.pop("pool_timeout", DEFAULT_POOL_TIMEOUT))
         self._url = backend.url
-        self._startup = list(backend.startup_nodes) or [_url_node(backend.url)]
+        self._startup = list(backend.startup_nodes) or [url_node(backend.url)]
         self._options = options
         # No retries beyond redirection: a failure is reported at once; the breaker decides.
         self._cluster_options: dict[str, Any] = {
@@ -116,260 +118,6 @@ class ClusterStore:
         self.channel_strip = 0
         #: a key of the meta slot, named by `bind_namespace`
         self.meta_key: str | None = None
-
-    # -- topology -------------------------------------------------------------------------------
-
-    @property
-    def client(self) -> Any:
-        return self._client
-
-    async def _topology(self) -> Any:
-        """The nodes manager, initialised, and refreshed if a failure asked for it."""
-        if not self._ready:
-            await self._client.initialize()
-            self._ready = True
-            self._refreshed_at = time.monotonic()
-        elif self._refresh_due and time.monotonic() - self._refreshed_at > REFRESH_INTERVAL:
-            self._refresh_due = False
-            self._refreshed_at = time.monotonic()
-            try:
-                await self._client.nodes_manager.initialize()
-            except Exception:
-                # Nodes may disagree while a failover settles: keep the map we have (the
-                # operation itself tells whether it still holds) and try again later.
-                self._refresh_due = True
-        return self._client.nodes_manager
-
-    def _mark_failed(self) -> None:
-        self._refresh_due = True
-        self._replica_counts.clear()
-
-    def _refresh_now(self) -> None:
-        """The next operation reloads the topology whatever the rate limit says."""
-        self._refresh_due = True
-        self._refreshed_at = 0.0
-
-    def _primary(self, manager: Any, slot: int) -> tuple[str, int]:
-        nodes = manager.slots_cache.get(slot)
-        if not nodes:
-            from redis.exceptions import SlotNotCoveredError
-
-            self._mark_failed()
-            raise SlotNotCoveredError(f"slot {slot} is not covered by the cluster")
-        return nodes[0].host, int(nodes[0].port)
-
-    @staticmethod
-    def _slot(key: str) -> int:
-        from redis.crc import key_slot
-
-        return int(key_slot(key.encode()))
-
-    # -- lean connections -------------------------------------------------------------------------
-
-    async def _enter_gate(self) -> asyncio.Semaphore:
-        gate = self._gate
-        if gate.locked():
-            try:
-                await asyncio.wait_for(gate.acquire(), self._pool_timeout)
-            except asyncio.TimeoutError:
-                raise PoolExhausted(f"no Redis connection within {self._pool_timeout}s") from None
-        else:
-            await gate.acquire()
-        return gate
-
-    async def _connection(self, address: tuple[str, int]) -> Any:
-        name = f"{address[0]}:{address[1]}"
-        idle = self._idle.get(name)
-        while idle:
-            connection = idle.pop()
-            if connection.is_connected:
-                return connection
-        from redis.asyncio.connection import Connection
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-
-        kwargs = {
-            key: value
-            for key, value in self._options.items()
-            if key not in ("max_connections", "socket_timeout")
-        }
-        if self._url.startswith("rediss://"):
-            from redis.asyncio.connection import SSLConnection
-
-            connection_class: Any = SSLConnection
-        else:
-            connection_class = Connection
-        from redis.asyncio.connection import parse_url
-
-        credentials = {
-            key: value
-            for key, value in parse_url(self._url).items()
-            if key in ("username", "password")
-        }
-        connection = connection_class(
-            host=address[0],
-            port=address[1],
-            socket_timeout=None,
-            retry=Retry(NoBackoff(), 0),
-            **credentials,
-            **kwargs,
-        )
-        await connection.connect()
-        return connection
-
-    def _give_back(self, address: tuple[str, int], connection: Any) -> None:
-        self._idle.setdefault(f"{address[0]}:{address[1]}", []).append(connection)
-
-    async def _run(
-        self, requests: Sequence[tuple[str, Sequence[Sequence[Any]]]], extra: float = 0.0
-    ) -> list[list[Any]]:
-        """Run groups of commands, each group routed by its key's slot and sent in one write.
-
-        Every group is sent before any reply is read, so groups on different nodes run
-        concurrently: the whole call costs one round trip. A group answered MOVED, ASK or
-        TRYAGAIN is sent again where the cluster says (ASKING first for ASK), up to
-        MAX_REDIRECTS times. Returns each group's replies in order.
-        """
-        from redis.exceptions import (
-            AskError,
-            MovedError,
-            NoScriptError,
-            ResponseError,
-            TryAgainError,
-        )
-
-        manager = await self._topology()
-        results: list[list[Any] | None] = [None] * len(requests)
-        targets: dict[int, tuple[tuple[str, int], bool]] = {}
-        for index, (key, _) in enumerate(requests):
-            targets[index] = (self._primary(manager, self._slot(key)), False)
-        for _ in range(MAX_REDIRECTS + 1):
-            replies = await self._round(
-                [(targets[i], requests[i][1]) for i in sorted(targets)], extra
-            )
-            again: dict[int, tuple[tuple[str, int], bool]] = {}
-            pause = False
-            for index, group_replies in zip(sorted(targets), replies, strict=True):
-                redirect = next(
-                    (r for r in group_replies if isinstance(r, (MovedError, AskError))), None
-                )
-                if isinstance(redirect, MovedError):
-                    await manager.move_slot(redirect)
-                    key = requests[index][0]
-                    again[index] = (self._primary(manager, self._slot(key)), False)
-                elif isinstance(redirect, AskError):
-                    again[index] = ((redirect.host, int(redirect.port)), True)
-                elif any(isinstance(r, TryAgainError) for r in group_replies):
-                    again[index] = targets[index]
-                    pause = True
-                else:
-                    for reply in group_replies:
-                        # NOSCRIPT is left to the caller, which sends the script itself
-                        if isinstance(reply, ResponseError) and not isinstance(
-                            reply, NoScriptError
-                        ):
-                            raise reply
-                    results[index] = group_replies
-            if not again:
-                return [r for r in results if r is not None]
-            targets = again
-            if pause:
-                await asyncio.sleep(TRYAGAIN_PAUSE)
-        from redis.exceptions import ClusterError
-
-        raise ClusterError(f"still redirected after {MAX_REDIRECTS} tries")
-
-    async def _round(
-        self,
-        groups: Sequence[tuple[tuple[tuple[str, int], bool], Sequence[Sequence[Any]]]],
-        extra: float = 0.0,
-    ) -> list[list[Any]]:
-        """Send every group on a connection of its node, then read every reply, within one
-        operation timeout (plus `extra`: the time a WAIT may take on the server)."""
-        from redis.exceptions import ResponseError
-
-        gate = await self._enter_gate()
-        taken: list[tuple[tuple[str, int], Any]] = []
-        current: tuple[str, int] | None = None  # the node a failure is blamed on
-        try:
-            # connecting has its own timeout; the deadline bounds sending and replies
-            for (address, _), _ in groups:
-                current = address
-                taken.append((address, await self._connection(address)))
-            async with Deadline(self.operation_timeout + extra, taken[0][1]) as deadline:
-                for ((address, asking), commands), (_, connection) in zip(
-                    groups, taken, strict=True
-                ):
-                    current = address
-                    prefix: tuple[tuple[Any, ...], ...] = (("ASKING",),) if asking else ()
-                    packed = b"".join(pack(command) for command in (*prefix, *commands))
-                    await connection.send_packed_command(packed, check_health=False)
-                out: list[list[Any]] = []
-                for ((address, asking), commands), (_, connection) in zip(
-                    groups, taken, strict=True
-                ):
-                    current = address
-                    deadline.connection = connection
-                    replies: list[Any] = []
-                    for _ in range(len(commands) + int(asking)):
-                        try:
-                            replies.append(await connection.read_response())
-                        except ResponseError as exc:  # a whole reply: the connection is fine
-                            replies.append(exc)
-                    out.append(replies[int(asking) :])
-        except BaseException as exc:
-            self._mark_failed()
-            if isinstance(exc, Exception):
-                exc.sqlacache_node = current  # type: ignore[attr-defined]
-            for _, connection in taken:
-                with contextlib.suppress(Exception):
-                    await connection.disconnect()
-            raise
-        finally:
-            gate.release()
-        for address, connection in taken:
-            self._give_back(address, connection)
-        return out
-
-    def _call(self, command: Callable[[Any], Awaitable[T]], sync: Callable[[Any], T]) -> T:
-        """Run an off-the-hot-path command on redis-py's cluster client (async or sync)."""
-        if in_greenlet():
-            return await_(self._full(command))
-        return sync(self._sync_client())
-
-    async def _full(self, command: Callable[[Any], Awaitable[T]]) -> T:
-        await self._topology()
-        gate = await self._enter_gate()
-        try:
-            return await command(self._client)
-        except BaseException:
-            self._mark_failed()
-            raise
-        finally:
-            gate.release()
-
-    def _sync_client(self) -> Any:
-        if self._sync is None:
-            from redis.cluster import ClusterNode, RedisCluster
-
-            options = {
-                k: v
-                for k, v in self._cluster_options.items()
-                if k not in ("retry", "max_connections")
-            }
-            from redis.backoff import NoBackoff
-            from redis.retry import Retry
-
-            self._sync = RedisCluster.from_url(
-                self._url,
-                startup_nodes=[ClusterNode(host, port) for host, port in self._startup],
-                retry=Retry(NoBackoff(), 0),
-                **options,
-            )
-            self._sync_scripts = {
-                name: self._sync.register_script(source) for name, source in self._sources.items()
-            }
-        return self._sync
 
     # -- the operations ---------------------------------------------------------------------------
 
@@ -550,7 +298,7 @@ class ClusterStore:
         connection = client.get_redis_connection(node)
         pipe = connection.pipeline(transaction=False)
         self._sync_scripts["bump"](keys=keys, args=args, client=pipe)
-        replicas = min(1, _connected_replicas(connection.info("replication")))
+        replicas = min(1, connected_replicas(connection.info("replication")))
         if replicas:  # within the sync client's socket timeout, which bounds the whole reply
             pipe.execute_command("WAIT", replicas, max(1, self._wait_ms() * 3 // 4))
         replies = pipe.execute()
@@ -561,7 +309,7 @@ class ClusterStore:
     def connection_options(self) -> dict[str, Any]:
         """Options of a plain client to one node (the tier's subscriber: a cluster forwards
         classic pub/sub messages to every node)."""
-        return _plain_options(self._options, self._url)
+        return plain_options(self._options, self._url)
 
     def _bump_arguments(
         self, bump: Bump, token: bytes, row_ttl_ms: int, lease_ttl_ms: int
@@ -607,7 +355,7 @@ class ClusterStore:
         count = self._replica_counts.get(node)
         if count is None:
             (replies,) = await self._run([(key, [("INFO", "replication")])])
-            count = self._replica_counts[node] = _connected_replicas(replies[0])
+            count = self._replica_counts[node] = connected_replicas(replies[0])
         return count
 
     def delete(self, key: str) -> None:
@@ -713,16 +461,16 @@ class ClusterStore:
         client.nodes_manager.initialize()  # who is master now, not who was
         if self.meta_key is not None:
             node = client.get_node_from_key(self.meta_key)
-            return _run_id(client.get_redis_connection(node).info("server"))
+            return run_id(client.get_redis_connection(node).info("server"))
         replies = client.info("server", target_nodes="primaries")
         infos = replies.values() if "run_id" not in replies else [replies]
-        return _joined(_run_id(info) for info in infos)
+        return joined(run_id(info) for info in infos)
 
     async def _server_id_async(self) -> str | None:
         self._refresh_now()  # who is master now, not who was
         if self.meta_key is not None:
             (replies,) = await self._run([(self.meta_key, [("INFO", "server")])])
-            return _run_id(replies[0])
+            return run_id(replies[0])
         manager = await self._topology()
         primaries = sorted({(n[0].host, int(n[0].port)) for n in manager.slots_cache.values()})
         try:
@@ -734,7 +482,7 @@ class ClusterStore:
             # the redelivery of invalidations, which need only the meta slot: no identity this
             # time; the next check compares again.
             return None
-        return _joined(_run_id(reply[0]) for reply in replies)
+        return joined(run_id(reply[0]) for reply in replies)
 
     def bind_namespace(self, meta_key: str) -> None:
         """Name a key of the meta slot (e.g. the namespace's epoch key): `server_id` then follows
@@ -751,7 +499,7 @@ class ClusterStore:
             import redis
 
             host, port = self._startup[0]
-            client = redis.Redis(host=host, port=port, **_plain_options(self._options, self._url))
+            client = redis.Redis(host=host, port=port, **plain_options(self._options, self._url))
             try:
                 info = client.info("cluster")
             except redis.RedisError:  # an outage, or a mistake the guarded calls will name
@@ -765,7 +513,7 @@ class ClusterStore:
         from redis.exceptions import RedisError
 
         host, port = self._startup[0]
-        client = aioredis.Redis(host=host, port=port, **_plain_options(self._options, self._url))
+        client = aioredis.Redis(host=host, port=port, **plain_options(self._options, self._url))
         try:
             info = await client.info("cluster")
         except RedisError:  # an outage, or a mistake the guarded calls will name
@@ -805,41 +553,6 @@ def _sha1(source: str) -> str:
     return hashlib.sha1(source.encode()).hexdigest()
 
 
-def _connected_replicas(info: Any) -> int:
-    """`connected_slaves` of an INFO replication reply (a dict, or raw text)."""
-    if isinstance(info, dict):
-        return int(info.get("connected_slaves", 0))
-    text = info.decode() if isinstance(info, bytes) else str(info)
-    for line in text.splitlines():
-        if line.startswith("connected_slaves:"):
-            return int(line.split(":", 1)[1])
-    return 0
-
-
-def _url_node(url: str) -> tuple[str, int]:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    return parts.hostname or "127.0.0.1", parts.port or 6379
-
-
-def _run_id(info: Any) -> str | None:
-    """The run_id in an INFO reply (parsed into a dict, or raw text)."""
-    if isinstance(info, dict):
-        value = info.get("run_id")
-        return None if value is None else str(value)
-    text = info.decode() if isinstance(info, bytes) else str(info)
-    for line in text.splitlines():
-        if line.startswith("run_id:"):
-            return line.split(":", 1)[1].strip()
-    return None
-
-
-def _joined(run_ids: Any) -> str | None:
-    ids = list(run_ids)
-    return None if not ids or None in ids else ",".join(sorted(ids))
-
-
 def _versions_arguments(fill: Fill) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV of lua/fill_versions.lua (no KEYS when the fill initialises nothing)."""
     keys: list[str] = []
@@ -873,23 +586,6 @@ async def _delete_matching_async(client: Any, match: str) -> int:
 
 async def _count_matching_async(client: Any, match: str) -> int:
     return len([k async for k in client.scan_iter(match=match, count=1000)])
-
-
-def _plain_options(options: dict[str, Any], url: str) -> dict[str, Any]:
-    """Options of a one-off client to the URL's own node: no retries (an outage answers fast)."""
-    from redis.backoff import NoBackoff
-    from redis.connection import parse_url
-    from redis.retry import Retry
-
-    keep = ("socket_timeout", "socket_connect_timeout", "protocol", "username", "password")
-    out: dict[str, Any] = {k: v for k, v in options.items() if k in keep}
-    out["retry"] = Retry(NoBackoff(), 0)
-    for name, value in parse_url(url).items():
-        if name in ("username", "password"):
-            out.setdefault(name, value)
-    if url.startswith("rediss://"):
-        out["ssl"] = True
-    return out
 
 
 def check_config(store: Any) -> None:

@@ -1,0 +1,353 @@
+"""The nodes of a Redis Cluster as `ClusterStore` uses them: the topology (which master serves
+which slot, refreshed after a failure), lean connections per node, and one round of command
+groups sent to every node before any reply is read, following MOVED, ASK and TRYAGAIN.
+
+`ClusterStore` builds its operations on this; its `__init__` sets the attributes declared here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from .._greenlet import await_, in_greenlet
+from .resp import Deadline, PoolExhausted, pack
+
+T = TypeVar("T")
+
+#: Redirections (MOVED, ASK) and TRYAGAIN answers one operation follows before it gives up.
+MAX_REDIRECTS = 5
+#: Pause before repeating a command the cluster answered TRYAGAIN (a slot migrating its keys).
+TRYAGAIN_PAUSE = 0.005
+#: A topology refresh after a failure runs at most this often.
+REFRESH_INTERVAL = 0.25
+
+
+class ClusterNodes:
+    """Topology and per-node connections of one cluster store."""
+
+    operation_timeout: float
+    _client: Any
+    _cluster_options: dict[str, Any]
+    _gate: asyncio.Semaphore
+    _idle: dict[str, list[Any]]
+    _options: dict[str, Any]
+    _pool_timeout: float
+    _ready: bool
+    _refresh_due: bool
+    _refreshed_at: float
+    _replica_counts: dict[tuple[str, int], int]
+    _sources: dict[str, str]
+    _startup: list[tuple[str, int]]
+    _sync: Any
+    _sync_scripts: dict[str, Any]
+    _url: str
+
+    # -- topology -------------------------------------------------------------------------------
+
+    @property
+    def client(self) -> Any:
+        return self._client
+
+    async def _topology(self) -> Any:
+        """The nodes manager, initialised, and refreshed if a failure asked for it."""
+        if not self._ready:
+            await self._client.initialize()
+            self._ready = True
+            self._refreshed_at = time.monotonic()
+        elif self._refresh_due and time.monotonic() - self._refreshed_at > REFRESH_INTERVAL:
+            self._refresh_due = False
+            self._refreshed_at = time.monotonic()
+            try:
+                await self._client.nodes_manager.initialize()
+            except Exception:
+                # Nodes may disagree while a failover settles: keep the map we have (the
+                # operation itself tells whether it still holds) and try again later.
+                self._refresh_due = True
+        return self._client.nodes_manager
+
+    def _mark_failed(self) -> None:
+        self._refresh_due = True
+        self._replica_counts.clear()
+
+    def _refresh_now(self) -> None:
+        """The next operation reloads the topology whatever the rate limit says."""
+        self._refresh_due = True
+        self._refreshed_at = 0.0
+
+    def _primary(self, manager: Any, slot: int) -> tuple[str, int]:
+        nodes = manager.slots_cache.get(slot)
+        if not nodes:
+            from redis.exceptions import SlotNotCoveredError
+
+            self._mark_failed()
+            raise SlotNotCoveredError(f"slot {slot} is not covered by the cluster")
+        return nodes[0].host, int(nodes[0].port)
+
+    @staticmethod
+    def _slot(key: str) -> int:
+        from redis.crc import key_slot
+
+        return int(key_slot(key.encode()))
+
+    # -- lean connections -------------------------------------------------------------------------
+
+    async def _enter_gate(self) -> asyncio.Semaphore:
+        gate = self._gate
+        if gate.locked():
+            try:
+                await asyncio.wait_for(gate.acquire(), self._pool_timeout)
+            except asyncio.TimeoutError:
+                raise PoolExhausted(f"no Redis connection within {self._pool_timeout}s") from None
+        else:
+            await gate.acquire()
+        return gate
+
+    async def _connection(self, address: tuple[str, int]) -> Any:
+        name = f"{address[0]}:{address[1]}"
+        idle = self._idle.get(name)
+        while idle:
+            connection = idle.pop()
+            if connection.is_connected:
+                return connection
+        from redis.asyncio.connection import Connection
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        kwargs = {
+            key: value
+            for key, value in self._options.items()
+            if key not in ("max_connections", "socket_timeout")
+        }
+        if self._url.startswith("rediss://"):
+            from redis.asyncio.connection import SSLConnection
+
+            connection_class: Any = SSLConnection
+        else:
+            connection_class = Connection
+        from redis.asyncio.connection import parse_url
+
+        credentials = {
+            key: value
+            for key, value in parse_url(self._url).items()
+            if key in ("username", "password")
+        }
+        connection = connection_class(
+            host=address[0],
+            port=address[1],
+            socket_timeout=None,
+            retry=Retry(NoBackoff(), 0),
+            **credentials,
+            **kwargs,
+        )
+        await connection.connect()
+        return connection
+
+    def _give_back(self, address: tuple[str, int], connection: Any) -> None:
+        self._idle.setdefault(f"{address[0]}:{address[1]}", []).append(connection)
+
+    async def _run(
+        self, requests: Sequence[tuple[str, Sequence[Sequence[Any]]]], extra: float = 0.0
+    ) -> list[list[Any]]:
+        """Run groups of commands, each group routed by its key's slot and sent in one write.
+
+        Every group is sent before any reply is read, so groups on different nodes run
+        concurrently: the whole call costs one round trip. A group answered MOVED, ASK or
+        TRYAGAIN is sent again where the cluster says (ASKING first for ASK), up to
+        MAX_REDIRECTS times. Returns each group's replies in order.
+        """
+        from redis.exceptions import (
+            AskError,
+            MovedError,
+            NoScriptError,
+            ResponseError,
+            TryAgainError,
+        )
+
+        manager = await self._topology()
+        results: list[list[Any] | None] = [None] * len(requests)
+        targets: dict[int, tuple[tuple[str, int], bool]] = {}
+        for index, (key, _) in enumerate(requests):
+            targets[index] = (self._primary(manager, self._slot(key)), False)
+        for _ in range(MAX_REDIRECTS + 1):
+            replies = await self._round(
+                [(targets[i], requests[i][1]) for i in sorted(targets)], extra
+            )
+            again: dict[int, tuple[tuple[str, int], bool]] = {}
+            pause = False
+            for index, group_replies in zip(sorted(targets), replies, strict=True):
+                redirect = next(
+                    (r for r in group_replies if isinstance(r, (MovedError, AskError))), None
+                )
+                if isinstance(redirect, MovedError):
+                    await manager.move_slot(redirect)
+                    key = requests[index][0]
+                    again[index] = (self._primary(manager, self._slot(key)), False)
+                elif isinstance(redirect, AskError):
+                    again[index] = ((redirect.host, int(redirect.port)), True)
+                elif any(isinstance(r, TryAgainError) for r in group_replies):
+                    again[index] = targets[index]
+                    pause = True
+                else:
+                    for reply in group_replies:
+                        # NOSCRIPT is left to the caller, which sends the script itself
+                        if isinstance(reply, ResponseError) and not isinstance(
+                            reply, NoScriptError
+                        ):
+                            raise reply
+                    results[index] = group_replies
+            if not again:
+                return [r for r in results if r is not None]
+            targets = again
+            if pause:
+                await asyncio.sleep(TRYAGAIN_PAUSE)
+        from redis.exceptions import ClusterError
+
+        raise ClusterError(f"still redirected after {MAX_REDIRECTS} tries")
+
+    async def _round(
+        self,
+        groups: Sequence[tuple[tuple[tuple[str, int], bool], Sequence[Sequence[Any]]]],
+        extra: float = 0.0,
+    ) -> list[list[Any]]:
+        """Send every group on a connection of its node, then read every reply, within one
+        operation timeout (plus `extra`: the time a WAIT may take on the server)."""
+        from redis.exceptions import ResponseError
+
+        gate = await self._enter_gate()
+        taken: list[tuple[tuple[str, int], Any]] = []
+        current: tuple[str, int] | None = None  # the node a failure is blamed on
+        try:
+            # connecting has its own timeout; the deadline bounds sending and replies
+            for (address, _), _ in groups:
+                current = address
+                taken.append((address, await self._connection(address)))
+            async with Deadline(self.operation_timeout + extra, taken[0][1]) as deadline:
+                for ((address, asking), commands), (_, connection) in zip(
+                    groups, taken, strict=True
+                ):
+                    current = address
+                    prefix: tuple[tuple[Any, ...], ...] = (("ASKING",),) if asking else ()
+                    packed = b"".join(pack(command) for command in (*prefix, *commands))
+                    await connection.send_packed_command(packed, check_health=False)
+                out: list[list[Any]] = []
+                for ((address, asking), commands), (_, connection) in zip(
+                    groups, taken, strict=True
+                ):
+                    current = address
+                    deadline.connection = connection
+                    replies: list[Any] = []
+                    for _ in range(len(commands) + int(asking)):
+                        try:
+                            replies.append(await connection.read_response())
+                        except ResponseError as exc:  # a whole reply: the connection is fine
+                            replies.append(exc)
+                    out.append(replies[int(asking) :])
+        except BaseException as exc:
+            self._mark_failed()
+            if isinstance(exc, Exception):
+                exc.sqlacache_node = current  # type: ignore[attr-defined]
+            for _, connection in taken:
+                with contextlib.suppress(Exception):
+                    await connection.disconnect()
+            raise
+        finally:
+            gate.release()
+        for address, connection in taken:
+            self._give_back(address, connection)
+        return out
+
+    def _call(self, command: Callable[[Any], Awaitable[T]], sync: Callable[[Any], T]) -> T:
+        """Run an off-the-hot-path command on redis-py's cluster client (async or sync)."""
+        if in_greenlet():
+            return await_(self._full(command))
+        return sync(self._sync_client())
+
+    async def _full(self, command: Callable[[Any], Awaitable[T]]) -> T:
+        await self._topology()
+        gate = await self._enter_gate()
+        try:
+            return await command(self._client)
+        except BaseException:
+            self._mark_failed()
+            raise
+        finally:
+            gate.release()
+
+    def _sync_client(self) -> Any:
+        if self._sync is None:
+            from redis.cluster import ClusterNode, RedisCluster
+
+            options = {
+                k: v
+                for k, v in self._cluster_options.items()
+                if k not in ("retry", "max_connections")
+            }
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+
+            self._sync = RedisCluster.from_url(
+                self._url,
+                startup_nodes=[ClusterNode(host, port) for host, port in self._startup],
+                retry=Retry(NoBackoff(), 0),
+                **options,
+            )
+            self._sync_scripts = {
+                name: self._sync.register_script(source) for name, source in self._sources.items()
+            }
+        return self._sync
+
+
+def connected_replicas(info: Any) -> int:
+    """`connected_slaves` of an INFO replication reply (a dict, or raw text)."""
+    if isinstance(info, dict):
+        return int(info.get("connected_slaves", 0))
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    for line in text.splitlines():
+        if line.startswith("connected_slaves:"):
+            return int(line.split(":", 1)[1])
+    return 0
+
+
+def url_node(url: str) -> tuple[str, int]:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 6379
+
+
+def run_id(info: Any) -> str | None:
+    """The run_id in an INFO reply (parsed into a dict, or raw text)."""
+    if isinstance(info, dict):
+        value = info.get("run_id")
+        return None if value is None else str(value)
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    for line in text.splitlines():
+        if line.startswith("run_id:"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def joined(run_ids: Any) -> str | None:
+    ids = list(run_ids)
+    return None if not ids or None in ids else ",".join(sorted(ids))
+
+
+def plain_options(options: dict[str, Any], url: str) -> dict[str, Any]:
+    """Options of a one-off client to the URL's own node: no retries (an outage answers fast)."""
+    from redis.backoff import NoBackoff
+    from redis.connection import parse_url
+    from redis.retry import Retry
+
+    keep = ("socket_timeout", "socket_connect_timeout", "protocol", "username", "password")
+    out: dict[str, Any] = {k: v for k, v in options.items() if k in keep}
+    out["retry"] = Retry(NoBackoff(), 0)
+    for name, value in parse_url(url).items():
+        if name in ("username", "password"):
+            out.setdefault(name, value)
+    if url.startswith("rediss://"):
+        out["ssl"] = True
+    return out
