@@ -130,15 +130,9 @@ class Filler:
             found = self._query_beside(decision)
             if found is not None:
                 return found
-        result = state.invoke_statement()
+        replay, frozen = run_frozen(decision)
         shape = decision.plan.shape
         assert shape is not None
-        if shape.requires_unique:
-            result = result.unique()
-        frozen = result.freeze()
-        replay = frozen()
-        if shape.requires_unique:
-            _sqla.copy_unique_filter(replay, build_result(shape, False, ()))
         if not want_snapshot:
             return replay, None
         if tuple(frozen.metadata.keys) != tuple(shape.metadata.keys):
@@ -390,3 +384,18 @@ class Filler:
     def _release_lock(self, held: tuple[str, bytes]) -> None:
         with contextlib.suppress(CacheUnavailable):  # the lock expires by itself
             self.store.unlock(*held)
+
+
+def run_frozen(decision: Decision) -> tuple[Result[Any], Any]:
+    """Run the statement through the ORM; return the Result to hand back and the frozen result
+    its rows come from (uniqued as the ORM requires for joined eager loads of collections)."""
+    result = decision.state.invoke_statement()
+    shape = decision.plan.shape
+    assert shape is not None
+    if shape.requires_unique:
+        result = result.unique()
+    frozen = result.freeze()
+    replay = frozen()
+    if shape.requires_unique:
+        _sqla.copy_unique_filter(replay, build_result(shape, False, ()))
+    return replay, frozen

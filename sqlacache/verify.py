@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.engine import Result
 from sqlalchemy.orm import Mapper, Session
 
-from . import _sqla
 from .errors import CacheUnavailable
+from .fill import run_frozen
 from .serialize import Snapshot
-from .snapshot import NotSnapshottable, build_result, freeze, mapper_name
+from .snapshot import NotSnapshottable, freeze, mapper_name
 
 if TYPE_CHECKING:
     from .decision import Decision
@@ -78,15 +78,7 @@ def verified_hit(
 
 def _run(read: Decision) -> tuple[Result[Any], Sequence[Any]]:
     """The statement run as a miss runs it: the Result to serve and its raw rows."""
-    result = read.state.invoke_statement()
-    shape = read.plan.shape
-    assert shape is not None
-    if shape.requires_unique:
-        result = result.unique()
-    frozen = result.freeze()
-    served = frozen()
-    if shape.requires_unique:
-        _sqla.copy_unique_filter(served, build_result(shape, False, ()))
+    served, frozen = run_frozen(read)
     return served, frozen.data
 
 

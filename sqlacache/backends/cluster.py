@@ -43,14 +43,13 @@ from .cluster_nodes import (
     url_node,
 )
 from .redis import (  # the constants and scripts both Redis backends share
-    DEFAULT_MAX_CONNECTIONS,
     DEFAULT_POOL_TIMEOUT,
-    MIN_CONNECT_TIMEOUT,
     WARM_CONNECTIONS,
     _lua,
     bump_arguments,
+    connection_options,
 )
-from .resp import glob_escape, no_handshake_metadata
+from .resp import glob_escape
 
 T = TypeVar("T")
 
@@ -74,13 +73,7 @@ class ClusterStore(ClusterNodes):
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        options: dict[str, Any] = dict(backend.options)
-        options.setdefault("socket_timeout", operation_timeout)
-        options.setdefault("socket_connect_timeout", max(operation_timeout, MIN_CONNECT_TIMEOUT))
-        options.setdefault("health_check_interval", 0)
-        options.setdefault("max_connections", DEFAULT_MAX_CONNECTIONS)
-        options.setdefault("protocol", 2)
-        options.update(no_handshake_metadata())
+        options = connection_options(backend, operation_timeout)
         self.operation_timeout = float(options["socket_timeout"])
         self._pool_timeout = float(options.pop("pool_timeout", DEFAULT_POOL_TIMEOUT))
         self._url = backend.url

@@ -47,6 +47,21 @@ DEFAULT_POOL_TIMEOUT = 1.0
 WARM_CONNECTIONS = 4
 
 
+def connection_options(backend: BackendConfig, operation_timeout: float) -> dict[str, Any]:
+    """redis-py options of both Redis backends: the configured ones, then our bounds."""
+    options: dict[str, Any] = dict(backend.options)
+    options.setdefault("socket_timeout", operation_timeout)
+    # Commands are bounded by the operation timeout. Opening a connection gets more: under a
+    # burst the event loop is busy and a local connect can take longer than 50 ms, which must
+    # not open the circuit breaker at the very moment load arrives.
+    options.setdefault("socket_connect_timeout", max(operation_timeout, MIN_CONNECT_TIMEOUT))
+    options.setdefault("health_check_interval", 0)
+    options.setdefault("max_connections", DEFAULT_MAX_CONNECTIONS)
+    options.setdefault("protocol", 2)  # RESP3 would add a HELLO round trip to every connect
+    options.update(no_handshake_metadata())
+    return options
+
+
 @functools.cache
 def _lua(name: str) -> str:
     return resources.files("sqlacache").joinpath("lua").joinpath(name).read_text(encoding="utf-8")
@@ -99,7 +114,7 @@ class _LoopClients:
 class RedisStore:
     """The shared store on a Redis server, through sqlacache's own redis-py clients.
 
-    Every network step is bounded : connecting, the connection handshake, waiting for a
+    Every network step is bounded: connecting, the connection handshake, waiting for a
     connection, every reply; and there is no client-side retry: a failure is reported at once, and
     the circuit breaker decides what happens next. Inside SQLAlchemy's async greenlet the asyncio
     clients of the running event loop are used (each loop has its own); elsewhere (a sync
@@ -109,16 +124,7 @@ class RedisStore:
     shared = True
 
     def __init__(self, backend: BackendConfig, operation_timeout: float) -> None:
-        options: dict[str, Any] = dict(backend.options)
-        options.setdefault("socket_timeout", operation_timeout)
-        # Commands are bounded by the operation timeout. Opening a connection gets more: under a
-        # burst the event loop is busy and a local connect can take longer than 50 ms, which must
-        # not open the circuit breaker at the very moment load arrives.
-        options.setdefault("socket_connect_timeout", max(operation_timeout, MIN_CONNECT_TIMEOUT))
-        options.setdefault("health_check_interval", 0)
-        options.setdefault("max_connections", DEFAULT_MAX_CONNECTIONS)
-        options.setdefault("protocol", 2)  # RESP3 would add a HELLO round trip to every connect
-        options.update(no_handshake_metadata())
+        options = connection_options(backend, operation_timeout)
         self.operation_timeout = float(options["socket_timeout"])
         #: opening a connection, its handshake included
         self.connect_timeout = float(options["socket_connect_timeout"])
