@@ -201,9 +201,11 @@ class Filler:
         background: bool,
     ) -> None:
         stamp, fill = self._stamp(decision, fetched)
-        if background and self.store.shared and in_greenlet():
+        if background and self.store.shared and self.store.fills_atomically and in_greenlet():
             # The reader has its result: serialising and writing overlap the work that follows.
-            # (With a cross-process fill lock held, the entry must land before it is released.)
+            # (With a cross-process fill lock held, the entry must land before it is released;
+            # on a cluster, whose versions land before the entry, this process's next read must
+            # not come in between and miss.)
             self.runtime.background.spawn(
                 self._store_later(decision, fetched, snapshot, stamp, fill, tier)
             )

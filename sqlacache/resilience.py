@@ -224,6 +224,7 @@ class GuardedStore:
         self.raw = store
         self.breaker = breaker
         self.shared = store.shared
+        self.fills_atomically = store.fills_atomically
 
     def _run(self, fn: Callable[..., T], *args: Any) -> T:
         breaker = self.breaker

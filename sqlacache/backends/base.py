@@ -67,6 +67,9 @@ class Store(Protocol):
 
     #: True when several processes share what this store holds
     shared: bool
+    #: True when an entry and the versions it initialises land together (one script): a fill
+    #: may then be stored in the background (a cluster stores them in two steps, see `fill`)
+    fills_atomically: bool
 
     def fetch(self, keys: Sequence[str]) -> list[bytes | None]:
         """The values of `keys` (None where missing), in one round trip."""

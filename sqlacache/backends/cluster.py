@@ -67,6 +67,7 @@ class ClusterStore(ClusterNodes):
     """The shared store on a Redis Cluster (`redis://host:port?cluster=true`)."""
 
     shared = True
+    fills_atomically = False
 
     def __init__(self, backend: BackendConfig, operation_timeout: float) -> None:
         from redis.asyncio.cluster import ClusterNode, RedisCluster

@@ -19,6 +19,7 @@ class MemoryStore:
     """A thread-safe in-process store (one per cache and process)."""
 
     shared = False
+    fills_atomically = True
 
     def __init__(self, size: int = 10_000, max_bytes: int = 256 * 1024 * 1024) -> None:
         self._size = size

@@ -122,6 +122,7 @@ class RedisStore:
     """
 
     shared = True
+    fills_atomically = True
 
     def __init__(self, backend: BackendConfig, operation_timeout: float) -> None:
         options = connection_options(backend, operation_timeout)
