@@ -58,6 +58,7 @@ class Bound:
         self.read_path = ReadPath(runtime)
         self.recovery = Recovery(store, self.invalidator, namespace, runtime.databases.identities)
         breaker.recover = self.recovery
+        breaker.urgent = lambda: self.invalidator.pending > 0
         if store.shared:  # a Redis answer may say the configuration is wrong, not that it is down
             breaker.misconfiguration = functools.partial(
                 classify_redis_error, url=config.backend.url, options=config.backend.options

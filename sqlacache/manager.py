@@ -179,6 +179,7 @@ class CacheManager:
         bound, self._bound = self._bound, None
         self.breaker.stop()
         self.breaker.recover = None
+        self.breaker.urgent = lambda: False
         if bound is not None:
             bound.unhook()
         return bound

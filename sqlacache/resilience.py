@@ -48,6 +48,9 @@ class Breaker:
         self._next_inline_probe = 0.0
         #: set by the owner: checks the backend and redelivers queued invalidations, or raises
         self.recover: Callable[[], None] | None = None
+        #: set by the owner: whether invalidations wait for redelivery. Until they land, other
+        #: processes may serve what they made stale, so the probe then never backs off.
+        self.urgent: Callable[[], bool] = lambda: False
         #: set by the owner: the wrong setting named by a failure that says the configuration is
         #: wrong (a bad password, a missing database, an ACL denial), else None
         self.misconfiguration: Callable[[BaseException], str | None] = _no_misconfiguration
@@ -177,7 +180,11 @@ class Breaker:
             except Exception as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"  # what stats() shows now
                 self.misconfigured(exc)
-                interval = min(interval * 2, self.MAX_PROBE_INTERVAL)
+                interval = (
+                    self.probe_interval
+                    if self.urgent()
+                    else min(interval * 2, self.MAX_PROBE_INTERVAL)
+                )
                 delay = interval
                 continue
             self.close()
