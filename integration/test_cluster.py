@@ -567,3 +567,32 @@ async def test_a_bump_no_replica_acknowledged_is_reported_undelivered(redis_clus
         assert (await store.fetch_async([ns.entry("x"), key]))[1] == b"t3"
     finally:
         await store.aclose()
+
+
+async def test_the_in_process_tier_follows_commits_on_the_cluster(make_cache, sessions, sql) -> None:
+    """Bumps on the versions' slot publish over the cluster's classic pub/sub: the tier serves
+    warm reads locally, and a commit makes the next read fresh."""
+    reader = await make_cache(local=True)
+    await seed(sessions, 3)
+    tier = reader._bound.local_tier
+    assert tier is not None
+    deadline = time.monotonic() + 10.0
+    while not tier.mirror.fresh():  # subscribed, heartbeat back
+        assert time.monotonic() < deadline, "the tier's subscriber never went live on the cluster"
+        await asyncio.sleep(0.05)
+    # miss, then Redis hits (kept locally), then local hits once the mirror holds the versions
+    # this process's own seed bumped (it waits for their messages to come back)
+    deadline = time.monotonic() + 10.0
+    while tier.stats()["hits"] == 0:
+        assert await get_name(sessions, 1) == "1:0"
+        await reader.flush_pending()
+        assert time.monotonic() < deadline, ("never served locally", tier.stats())
+        await asyncio.sleep(0.02)
+    async with sessions() as s:
+        (await s.get(User, 1)).name = "1:1"
+        await s.commit()
+    await reader.flush_pending()
+    deadline = time.monotonic() + 5.0
+    while await get_name(sessions, 1) != "1:1":
+        assert time.monotonic() < deadline, "a commit never reached the tier on the cluster"
+        await asyncio.sleep(0.01)
