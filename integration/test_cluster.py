@@ -596,3 +596,53 @@ async def test_the_in_process_tier_follows_commits_on_the_cluster(make_cache, se
     while await get_name(sessions, 1) != "1:1":
         assert time.monotonic() < deadline, "a commit never reached the tier on the cluster"
         await asyncio.sleep(0.01)
+
+
+def test_one_cluster_cache_serves_one_event_loop_after_another(stack: Stack) -> None:
+    """`asyncio.run()` twice with one cache (a loop per test, a worker restarting its loop):
+    the second loop gets hits and its commits invalidate, with no transport error."""
+    from sqlalchemy import event
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+    from tests.fixtures import SQLCounter, reset_schema
+
+    cache = sqlacache.configure(
+        stack.backend, models={"*": {"timeout": 300}}, prefix=f"loops{os.getpid()}{time.time_ns()}"
+    )
+
+    async def one_loop(expected: str, rename_to: str) -> int:
+        engine = create_async_engine(stack.db_url)
+        counter = SQLCounter()
+        event.listen(engine.sync_engine, "before_cursor_execute", counter)
+        await cache.bind(engine)
+        sessions = async_sessionmaker(engine, expire_on_commit=False)
+        try:
+            assert await get_name(sessions, 1) == expected
+            await cache.flush_pending()
+            counter.reset()
+            assert await get_name(sessions, 1) == expected
+            hit = counter.selects == 0
+            async with sessions() as s:
+                (await s.get(User, 1)).name = rename_to
+                await s.commit()
+            assert await get_name(sessions, 1) == rename_to
+            await cache.flush_pending()
+            return int(hit)
+        finally:
+            await engine.dispose()
+
+    async def prepare() -> None:
+        engine = create_async_engine(stack.db_url)
+        await reset_schema(engine)
+        async with async_sessionmaker(engine)() as s:
+            s.add(User(id=1, name="1:0"))
+            await s.commit()
+        await engine.dispose()
+
+    asyncio.run(prepare())
+    try:
+        assert asyncio.run(one_loop("1:0", "1:1")) == 1
+        assert asyncio.run(one_loop("1:1", "1:2")) == 1, "the second loop must get hits"
+        assert cache.stats()["transport_errors"] == 0, cache.stats()["circuit_breaker"]
+    finally:
+        cache.disconnect_sync()

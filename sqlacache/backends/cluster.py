@@ -32,9 +32,11 @@ from typing import Any, TypeVar
 
 from .._greenlet import await_, in_greenlet
 from ..backend_config import BackendConfig
+from ..loops import LoopLocal
 from ..redis_errors import require_cluster_mode
 from .base import Bump, Fill
 from .cluster_nodes import (
+    ClusterLoopState,
     ClusterNodes,
     connected_replicas,
     joined,
@@ -70,7 +72,6 @@ class ClusterStore(ClusterNodes):
     fills_atomically = False
 
     def __init__(self, backend: BackendConfig, operation_timeout: float) -> None:
-        from redis.asyncio.cluster import ClusterNode, RedisCluster
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
@@ -87,18 +88,16 @@ class ClusterStore(ClusterNodes):
             "reinitialize_steps": 1,
             **options,
         }
-        nodes = [ClusterNode(host, port) for host, port in self._startup]
-        self._client = RedisCluster.from_url(
-            backend.url, startup_nodes=nodes, **self._cluster_options
+        max_connections = int(options["max_connections"])
+        self._loops = LoopLocal(
+            lambda: ClusterLoopState(
+                backend.url, self._startup, self._cluster_options, max_connections
+            )
         )
-        self._gate = asyncio.Semaphore(int(options["max_connections"]))
-        self._idle: dict[str, list[Any]] = {}  # lean connections per node, last used first
-        self._ready = False
         self._refresh_due = False
         self._refreshed_at = 0.0
         self._down: dict[tuple[str, int], float] = {}  # entry nodes skipped until then
         self._replica_counts: dict[tuple[str, int], int] = {}  # per master, for WAIT
-        self._landing: dict[str, asyncio.Future[None]] = {}  # entries being SET by this process
         self._landing_sync: dict[str, threading.Event] = {}  # the same, from sync sessions
         self._meta_slot: int | None = None  # learnt from the first operation naming meta keys
         self._sync: Any = None
@@ -529,13 +528,10 @@ class ClusterStore(ClusterNodes):
             with contextlib.suppress(Exception):
                 self._sync.close()
             self._sync = None
-        idle, self._idle = self._idle, {}
-        for connections in idle.values():
-            for connection in connections:
-                with contextlib.suppress(Exception):
-                    await connection.disconnect()
-        with contextlib.suppress(Exception):
-            await self._client.aclose()
+        current = asyncio.get_running_loop()
+        for loop, state in self._loops.take_all():  # another loop's state goes with its loop
+            if loop is current:
+                await state.aclose()
 
 
 # -- helpers ----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from .._greenlet import await_, in_greenlet
+from ..loops import LoopLocal
 from .resp import Deadline, PoolExhausted, pack
 
 T = TypeVar("T")
@@ -26,17 +27,45 @@ TRYAGAIN_PAUSE = 0.005
 REFRESH_INTERVAL = 0.25
 
 
+class ClusterLoopState:
+    """A cluster store's asyncio side on one event loop: redis-py's cluster client, the gate,
+    the lean connections per node, the fills being stored. asyncio connections, semaphores and
+    futures work only on the loop that made them, so each loop gets its own (see `LoopLocal`)."""
+
+    def __init__(
+        self,
+        url: str,
+        startup: list[tuple[str, int]],
+        cluster_options: dict[str, Any],
+        max_connections: int,
+    ) -> None:
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+        nodes = [ClusterNode(host, port) for host, port in startup]
+        self.client = RedisCluster.from_url(url, startup_nodes=nodes, **cluster_options)
+        self.gate = asyncio.Semaphore(max_connections)
+        self.idle: dict[str, list[Any]] = {}  # lean connections per node, last used first
+        self.ready = False  # the client's topology is loaded
+        self.landing: dict[str, asyncio.Future[None]] = {}  # entries being SET by this process
+
+    async def aclose(self) -> None:
+        idle, self.idle = self.idle, {}
+        for connections in idle.values():
+            for connection in connections:
+                with contextlib.suppress(Exception):
+                    await connection.disconnect()
+        with contextlib.suppress(Exception):
+            await self.client.aclose()
+
+
 class ClusterNodes:
     """Topology and per-node connections of one cluster store."""
 
     operation_timeout: float
-    _client: Any
+    _loops: LoopLocal[ClusterLoopState]
     _cluster_options: dict[str, Any]
-    _gate: asyncio.Semaphore
-    _idle: dict[str, list[Any]]
     _options: dict[str, Any]
     _pool_timeout: float
-    _ready: bool
     _refresh_due: bool
     _refreshed_at: float
     _replica_counts: dict[tuple[str, int], int]
@@ -45,6 +74,30 @@ class ClusterNodes:
     _sync: Any
     _sync_scripts: dict[str, Any]
     _url: str
+
+    @property
+    def _client(self) -> Any:
+        return self._loops.get().client
+
+    @property
+    def _gate(self) -> asyncio.Semaphore:
+        return self._loops.get().gate
+
+    @property
+    def _idle(self) -> dict[str, list[Any]]:
+        return self._loops.get().idle
+
+    @property
+    def _landing(self) -> dict[str, asyncio.Future[None]]:
+        return self._loops.get().landing
+
+    @property
+    def _ready(self) -> bool:
+        return self._loops.get().ready
+
+    @_ready.setter
+    def _ready(self, value: bool) -> None:
+        self._loops.get().ready = value
 
     # -- topology -------------------------------------------------------------------------------
 
