@@ -5,18 +5,16 @@ runs the same script.
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
 
-from sqlacache.backends.base import Bump, Fill
+from sqlacache.backends.base import Bump
 from sqlacache.backends.redis import RedisStore
 from sqlacache.config import parse_backend
 from tests.fixtures import Stack
-
-PREFIX = "sqlacache-script-test"
+from tests.test_store_rules import PREFIX, fill, k
 
 
 @pytest.fixture
@@ -37,22 +35,6 @@ async def _clear(raw: aioredis.Redis) -> None:
     keys = [key async for key in raw.scan_iter(f"{PREFIX}:*")]
     if keys:
         await raw.delete(*keys)
-
-
-def k(name: str) -> str:
-    return f"{PREFIX}:{name}"
-
-
-def fill(**changes: object) -> Fill:
-    base: dict[str, object] = {
-        "entry_key": k("entry"),
-        "value": b"payload",
-        "ttl_ms": 60_000,
-        "extend_ms": 30_000,
-        "captured_at": time.monotonic(),
-    }
-    base.update(changes)
-    return Fill(**base)  # type: ignore[arg-type]
 
 
 async def test_scripts_survive_a_server_that_lost_them(

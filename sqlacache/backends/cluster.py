@@ -50,6 +50,7 @@ from .redis import (  # the constants and scripts both Redis backends share
     _lua,
     bump_arguments,
     connection_options,
+    versions_arguments,
 )
 from .resp import glob_escape
 
@@ -204,7 +205,7 @@ class ClusterStore(ClusterNodes):
         if in_greenlet():
             await_(self.store_async(fill))
             return
-        keys, args = _versions_arguments(fill)
+        keys, args = versions_arguments(fill)
         client = self._sync_client()
         landing = self._landing_sync[fill.entry_key] = threading.Event()
         try:
@@ -243,7 +244,7 @@ class ClusterStore(ClusterNodes):
         (and if it did, a missing version never validates). Row versions the script creates or
         raises outlive the entry by ROW_VERSION_MARGIN_MS, far more than the gap between steps.
         """
-        keys, args = _versions_arguments(fill)
+        keys, args = versions_arguments(fill)
         if keys:
             meta_key = keys[0]
             (replies,) = await self._run([(meta_key, [self._evalsha("fill_versions", keys, args)])])
@@ -541,24 +542,6 @@ def _sha1(source: str) -> str:
     import hashlib
 
     return hashlib.sha1(source.encode()).hexdigest()
-
-
-def _versions_arguments(fill: Fill) -> tuple[list[str], list[Any]]:
-    """KEYS and ARGV of lua/fill_versions.lua (no KEYS when the fill initialises nothing)."""
-    keys: list[str] = []
-    args: list[Any] = [
-        len(fill.init_rows),
-        len(fill.init),
-        fill.extend_ms,
-        1 if fill.init_rows and fill.guard_rows() else 0,
-    ]
-    for key, token, guard, seen, planned in fill.init_rows:
-        keys += (key, guard)
-        args += (token, seen or b"", planned)
-    keys += [key for key, _, _ in fill.init]
-    args += [token for _, token, _ in fill.init]
-    keys += fill.extend
-    return keys, args
 
 
 async def _delete_matching_async(client: Any, match: str) -> int:

@@ -427,11 +427,17 @@ class RedisStore:
 
 
 def fill_arguments(fill: Fill) -> tuple[list[str], list[Any]]:
-    """KEYS and ARGV of lua/fill.lua."""
-    keys = [fill.entry_key]
+    """KEYS and ARGV of lua/fill.lua: the entry and its value, then what `versions_arguments`
+    gives (the cluster's lua/fill_versions.lua takes those alone)."""
+    keys, args = versions_arguments(fill)
+    return [fill.entry_key, *keys], [fill.value, fill.ttl_ms, *args]
+
+
+def versions_arguments(fill: Fill) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of the version half of a fill: the row versions to create (with their
+    guards), the table versions to create, the row versions whose TTL to raise."""
+    keys: list[str] = []
     args: list[Any] = [
-        fill.value,
-        fill.ttl_ms,
         len(fill.init_rows),
         len(fill.init),
         fill.extend_ms,
