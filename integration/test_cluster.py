@@ -110,6 +110,36 @@ async def test_a_hit_is_one_round_trip_to_at_most_two_nodes(make_cache, sessions
     assert len(rounds) == 1 and rounds[0] <= 2, rounds
 
 
+async def test_a_hit_takes_one_connection_per_node_it_reaches(make_cache, sessions, sql) -> None:
+    """An entry on the meta slot's node is read with the versions in one write on one
+    connection, as on a single Redis; an entry elsewhere adds one connection to its node."""
+    cache = await make_cache()
+    await seed(sessions, 30)
+    for pk in range(1, 31):
+        await get_name(sessions, pk)
+    await cache.flush_pending()
+    store = cache._bound.runtime.store.raw
+    taken: list[Any] = []
+    original = store._connection
+
+    async def counting(address: Any) -> Any:
+        taken.append(address)
+        return await original(address)
+
+    store._connection = counting  # type: ignore[method-assign]
+    per_hit = []
+    sql.reset()
+    for pk in range(1, 31):
+        taken.clear()
+        assert await get_name(sessions, pk) == f"{pk}:0"
+        per_hit.append(list(taken))
+    assert sql.statements == []
+    assert all(len(nodes) == len(set(nodes)) for nodes in per_hit), per_hit
+    # 30 entries over 3 masters: some live on the meta slot's node (one connection for the hit)
+    assert any(len(nodes) == 1 for nodes in per_hit), per_hit
+    assert any(len(nodes) == 2 for nodes in per_hit), per_hit
+
+
 async def test_fetch_hit_and_commit_invalidates_on_the_cluster(make_cache, sessions, sql) -> None:
     cache = await make_cache()
     await seed(sessions, 5)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -142,9 +143,7 @@ class ClusterNodes:
 
     @staticmethod
     def _slot(key: str) -> int:
-        from redis.crc import key_slot
-
-        return int(key_slot(key.encode()))
+        return key_slot(key)
 
     # -- lean connections -------------------------------------------------------------------------
 
@@ -205,50 +204,46 @@ class ClusterNodes:
     async def _run(
         self, requests: Sequence[tuple[str, Sequence[Sequence[Any]]]], extra: float = 0.0
     ) -> list[list[Any]]:
-        """Run groups of commands, each group routed by its key's slot and sent in one write.
+        """Run groups of commands, each group routed by its key's slot.
 
         Every group is sent before any reply is read, so groups on different nodes run
         concurrently: the whole call costs one round trip. A group answered MOVED, ASK or
         TRYAGAIN is sent again where the cluster says (ASKING first for ASK), up to
         MAX_REDIRECTS times. Returns each group's replies in order.
         """
-        from redis.exceptions import (
-            AskError,
-            MovedError,
-            NoScriptError,
-            ResponseError,
-            TryAgainError,
-        )
-
+        errors = redis_errors()
         manager = await self._topology()
+        first = [((self._primary(manager, key_slot(key)), False), group) for key, group in requests]
+        replies = await self._round(first, extra)
+        if not any(isinstance(r, errors.ResponseError) for group in replies for r in group):
+            return replies  # the usual case: no redirection, no error reply
         results: list[list[Any] | None] = [None] * len(requests)
-        targets: dict[int, tuple[tuple[str, int], bool]] = {}
-        for index, (key, _) in enumerate(requests):
-            targets[index] = (self._primary(manager, self._slot(key)), False)
-        for _ in range(MAX_REDIRECTS + 1):
-            replies = await self._round(
-                [(targets[i], requests[i][1]) for i in sorted(targets)], extra
-            )
+        targets = {index: target for index, (target, _) in enumerate(first)}
+        for attempt in range(MAX_REDIRECTS + 1):
+            if attempt:
+                replies = await self._round(
+                    [(targets[i], requests[i][1]) for i in sorted(targets)], extra
+                )
             again: dict[int, tuple[tuple[str, int], bool]] = {}
             pause = False
             for index, group_replies in zip(sorted(targets), replies, strict=True):
                 redirect = next(
-                    (r for r in group_replies if isinstance(r, (MovedError, AskError))), None
+                    (r for r in group_replies if isinstance(r, errors.redirections)), None
                 )
-                if isinstance(redirect, MovedError):
+                if isinstance(redirect, errors.MovedError):
                     await manager.move_slot(redirect)
                     key = requests[index][0]
-                    again[index] = (self._primary(manager, self._slot(key)), False)
-                elif isinstance(redirect, AskError):
+                    again[index] = (self._primary(manager, key_slot(key)), False)
+                elif isinstance(redirect, errors.AskError):
                     again[index] = ((redirect.host, int(redirect.port)), True)
-                elif any(isinstance(r, TryAgainError) for r in group_replies):
+                elif any(isinstance(r, errors.TryAgainError) for r in group_replies):
                     again[index] = targets[index]
                     pause = True
                 else:
                     for reply in group_replies:
                         # NOSCRIPT is left to the caller, which sends the script itself
-                        if isinstance(reply, ResponseError) and not isinstance(
-                            reply, NoScriptError
+                        if isinstance(reply, errors.ResponseError) and not isinstance(
+                            reply, errors.NoScriptError
                         ):
                             raise reply
                     results[index] = group_replies
@@ -257,59 +252,57 @@ class ClusterNodes:
             targets = again
             if pause:
                 await asyncio.sleep(TRYAGAIN_PAUSE)
-        from redis.exceptions import ClusterError
-
-        raise ClusterError(f"still redirected after {MAX_REDIRECTS} tries")
+        raise errors.ClusterError(f"still redirected after {MAX_REDIRECTS} tries")
 
     async def _round(
         self,
         groups: Sequence[tuple[tuple[tuple[str, int], bool], Sequence[Sequence[Any]]]],
         extra: float = 0.0,
     ) -> list[list[Any]]:
-        """Send every group on a connection of its node, then read every reply, within one
-        operation timeout (plus `extra`: the time a WAIT may take on the server)."""
-        from redis.exceptions import ResponseError
+        """Send every group, then read every reply, within one operation timeout (plus `extra`:
+        the time a WAIT may take on the server).
 
+        Groups bound for the same node share one connection and one write: a hit whose entry
+        lives on the meta slot's node costs what it costs on a single Redis. A group sent after
+        an ASK redirection keeps a connection of its own (ASKING applies to the next command).
+        """
+        response_error = redis_errors().ResponseError
+        batches = _batches(groups)
         gate = await self._enter_gate()
-        taken: list[tuple[tuple[str, int], Any]] = []
+        taken: list[Any] = []
         current: tuple[str, int] | None = None  # the node a failure is blamed on
         try:
             # connecting has its own timeout; the deadline bounds sending and replies
-            for (address, _), _ in groups:
+            for address, _, _ in batches:
                 current = address
-                taken.append((address, await self._connection(address)))
-            async with Deadline(self.operation_timeout + extra, taken[0][1]) as deadline:
-                for ((address, asking), commands), (_, connection) in zip(
-                    groups, taken, strict=True
-                ):
+                taken.append(await self._connection(address))
+            async with Deadline(self.operation_timeout + extra, taken[0]) as deadline:
+                for (address, asking, members), connection in zip(batches, taken, strict=True):
                     current = address
                     prefix: tuple[tuple[Any, ...], ...] = (("ASKING",),) if asking else ()
+                    commands = [c for index in members for c in groups[index][1]]
                     packed = b"".join(pack(command) for command in (*prefix, *commands))
                     await connection.send_packed_command(packed, check_health=False)
-                out: list[list[Any]] = []
-                for ((address, asking), commands), (_, connection) in zip(
-                    groups, taken, strict=True
-                ):
+                out: list[list[Any]] = [[] for _ in groups]
+                for (address, asking, members), connection in zip(batches, taken, strict=True):
                     current = address
                     deadline.connection = connection
-                    replies: list[Any] = []
-                    for _ in range(len(commands) + int(asking)):
-                        try:
-                            replies.append(await connection.read_response())
-                        except ResponseError as exc:  # a whole reply: the connection is fine
-                            replies.append(exc)
-                    out.append(replies[int(asking) :])
+                    if asking:
+                        await _reply(connection, response_error)  # OK to ASKING
+                    for index in members:
+                        for _ in groups[index][1]:
+                            out[index].append(await _reply(connection, response_error))
         except BaseException as exc:
             self._mark_failed()
             if isinstance(exc, Exception):
                 exc.sqlacache_node = current  # type: ignore[attr-defined]
-            for _, connection in taken:
+            for connection in taken:
                 with contextlib.suppress(Exception):
                     await connection.disconnect()
             raise
         finally:
             gate.release()
-        for address, connection in taken:
+        for (address, _, _), connection in zip(batches, taken, strict=True):
             self._give_back(address, connection)
         return out
 
@@ -352,6 +345,59 @@ class ClusterNodes:
                 name: self._sync.register_script(source) for name, source in self._sources.items()
             }
         return self._sync
+
+
+@functools.lru_cache(maxsize=4096)
+def key_slot(key: str) -> int:
+    """The cluster slot of a key (its hash tag's, if it has one). Memoised: a hit names the
+    same meta keys every time and the same entry keys again and again."""
+    from redis.crc import key_slot as slot_of
+
+    return int(slot_of(key.encode()))
+
+
+@functools.cache
+def redis_errors() -> Any:
+    """redis-py's exception classes the hot path tells apart, imported once (redis-py is an
+    optional dependency, so not at module level)."""
+    from redis import exceptions
+
+    class Errors:
+        AskError = exceptions.AskError
+        ClusterError = exceptions.ClusterError
+        MovedError = exceptions.MovedError
+        NoScriptError = exceptions.NoScriptError
+        ResponseError = exceptions.ResponseError
+        TryAgainError = exceptions.TryAgainError
+        redirections = (exceptions.MovedError, exceptions.AskError)
+
+    return Errors
+
+
+def _batches(
+    groups: Sequence[tuple[tuple[tuple[str, int], bool], Sequence[Sequence[Any]]]],
+) -> list[tuple[tuple[str, int], bool, list[int]]]:
+    """The connections one round needs: (node, after ASK, indexes of the groups it carries).
+    Groups for the same node share one; a group after an ASK redirection gets its own."""
+    batches: list[tuple[tuple[str, int], bool, list[int]]] = []
+    by_node: dict[tuple[str, int], list[int]] = {}
+    for index, ((address, asking), _) in enumerate(groups):
+        members = None if asking else by_node.get(address)
+        if members is None:
+            members = []
+            batches.append((address, asking, members))
+            if not asking:
+                by_node[address] = members
+        members.append(index)
+    return batches
+
+
+async def _reply(connection: Any, response_error: type[Exception]) -> Any:
+    """One reply; an error reply is returned, not raised (a whole reply: the connection is fine)."""
+    try:
+        return await connection.read_response()
+    except response_error as exc:
+        return exc
 
 
 def connected_replicas(info: Any) -> int:
