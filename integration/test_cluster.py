@@ -628,6 +628,49 @@ async def test_the_in_process_tier_follows_commits_on_the_cluster(make_cache, se
         await asyncio.sleep(0.01)
 
 
+async def _until(condition: Any, what: str, seconds: float = 15.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not await condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+async def test_the_tier_subscribes_on_another_node_when_its_node_dies(
+    make_cache, sessions, redis_cluster
+) -> None:
+    """The URL names one node; when it dies, the tier's subscriber moves to another node the
+    topology named (classic pub/sub reaches every node) and the tier serves locally again."""
+    reader = await make_cache(local=True)
+    await seed(sessions, 3)
+    tier = reader._bound.local_tier
+    assert tier is not None
+
+    async def fresh() -> bool:
+        return tier.mirror.fresh()
+
+    async def served_locally() -> bool:
+        before = tier.stats()["hits"]
+        assert await get_name(sessions, 1) == expected
+        await reader.flush_pending()
+        return tier.stats()["hits"] > before
+
+    expected = "1:0"
+    await _until(fresh, "the tier's subscriber never went live on the cluster")
+    await _until(served_locally, "never served locally")
+    url_node = redis_cluster.ports[0]
+    assert url_node in redis_cluster.masters()
+    await asyncio.to_thread(redis_cluster.kill_master, url_node)
+    try:
+        await _until(fresh, "the subscriber stayed on the dead node", 30.0)
+        async with sessions() as s:
+            (await s.get(User, 1)).name = "1:1"
+            await s.commit()
+        expected = "1:1"
+        await _until(served_locally, "no local hit after the node died", 30.0)
+    finally:
+        await asyncio.to_thread(redis_cluster.restart_node, url_node)
+
+
 def test_one_cluster_cache_serves_one_event_loop_after_another(stack: Stack) -> None:
     """`asyncio.run()` twice with one cache (a loop per test, a worker restarting its loop):
     the second loop gets hits and its commits invalidate, with no transport error."""

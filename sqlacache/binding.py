@@ -123,6 +123,7 @@ def _follow_invalidations(
         channel=channel,
         strip=namespace.meta_prefix,
         serving=lambda: not breaker.is_open,
+        nodes=getattr(store, "subscriber_nodes", None),
     )
     if bridge is not None:
         tier.subscriber.sender = sender

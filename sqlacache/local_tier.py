@@ -91,6 +91,7 @@ class LocalTier:
         channel: str,
         strip: str,
         serving: Callable[[], bool],
+        nodes: Callable[[], list[tuple[str, int]]] | None = None,
     ) -> None:
         self.size = size
         self.max_bytes = max_bytes
@@ -103,7 +104,7 @@ class LocalTier:
         self._lock = threading.Lock()
         self.hits = 0
         self.started = False
-        self.subscriber = Subscriber(self, url, options)
+        self.subscriber = Subscriber(self, url, options, nodes)
         #: called with the tags of a cashews deletion published by another process
         self.on_tags: Callable[[list[str]], None] | None = None
         #: called when the subscription was lost and is live again (messages may be missing)
@@ -257,10 +258,20 @@ class Subscriber:
     stop serving, but a missed one must never be mistaken for a healthy connection.
     """
 
-    def __init__(self, tier: LocalTier, url: str, options: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        tier: LocalTier,
+        url: str,
+        options: dict[str, Any],
+        nodes: Callable[[], list[tuple[str, int]]] | None = None,
+    ) -> None:
         self.tier = tier
         self.url = url
         self.options = options
+        #: on a cluster, the nodes to subscribe on, tried in turn: one that died is left for the
+        #: next (every node carries every message)
+        self.nodes = nodes
+        self._turn = 0
         self.sender = f"{os.getpid()}-{os.urandom(4).hex()}"
         self.heartbeat_channel = f"{tier.channel}:hb:{self.sender}"
         self.subscriptions = 0
@@ -299,6 +310,7 @@ class Subscriber:
             except Exception as exc:
                 logger.debug("sqlacache: local tier subscription ended: %s", exc)
             self.tier.mirror.drop()
+            self._turn += 1  # on a cluster, the next attempt goes to the next node
             if time.monotonic() - started > 5.0:
                 delay = 0.05
             self._stop.wait(delay)
@@ -321,6 +333,10 @@ class Subscriber:
         )
         for unwanted in ("max_connections", "pool_timeout"):
             options.pop(unwanted, None)
+        nodes = self.nodes() if self.nodes is not None else []
+        if nodes:
+            host, port = nodes[self._turn % len(nodes)]
+            return redis.Redis(host=host, port=port, **options)
         return redis.Redis.from_url(self.url, **options)
 
     def _session(self) -> None:

@@ -52,6 +52,11 @@ class LoopLocal(Generic[T]):
             return None
         return self._values.get(loop)
 
+    def values(self) -> list[T]:
+        """Every live loop's value, left in place (for reading what they learnt)."""
+        with self._lock:
+            return [value for loop, value in list(self._values.items()) if not loop.is_closed()]
+
     def take_all(self) -> list[tuple[asyncio.AbstractEventLoop, T]]:
         """Remove and return every loop's value (for closing them)."""
         with self._lock:

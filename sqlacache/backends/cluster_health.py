@@ -22,6 +22,17 @@ class ClusterHealth(ClusterNodes):
     _meta_slot: int | None
     meta_key: str | None
 
+    def subscriber_nodes(self) -> list[tuple[str, int]]:
+        """Nodes a pub/sub subscriber may connect to, the startup nodes first, then every node the
+        topology has named (masters and replicas alike: a cluster forwards classic pub/sub
+        messages to every node), so a subscriber whose node died moves to another."""
+        nodes = list(self._startup)
+        for state in self._loops.values():
+            with contextlib.suppress(Exception):
+                for node in list(state.client.nodes_manager.nodes_cache.values()):
+                    nodes.append((node.host, int(node.port)))
+        return list(dict.fromkeys(nodes))
+
     def warm_up(self) -> None:
         """Learn the topology and open a few connections to every master now."""
         if in_greenlet():
