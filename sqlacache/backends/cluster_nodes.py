@@ -45,7 +45,9 @@ class ClusterLoopState:
         nodes = [ClusterNode(host, port) for host, port in startup]
         self.client = RedisCluster.from_url(url, startup_nodes=nodes, **cluster_options)
         self.gate = asyncio.Semaphore(max_connections)
-        self.idle: dict[str, list[Any]] = {}  # lean connections per node, last used first
+        self.idle: dict[
+            tuple[str, int], list[Any]
+        ] = {}  # lean connections per node, last used first
         self.ready = False  # the client's topology is loaded
         self.landing: dict[str, asyncio.Future[None]] = {}  # entries being SET by this process
 
@@ -85,7 +87,7 @@ class ClusterNodes:
         return self._loops.get().gate
 
     @property
-    def _idle(self) -> dict[str, list[Any]]:
+    def _idle(self) -> dict[tuple[str, int], list[Any]]:
         return self._loops.get().idle
 
     @property
@@ -159,13 +161,18 @@ class ClusterNodes:
         return gate
 
     async def _connection(self, address: tuple[str, int]) -> Any:
-        name = f"{address[0]}:{address[1]}"
-        idle = self._idle.get(name)
+        """An idle lean connection to the node, or a new one."""
+        idle = self._idle.get(address)
         while idle:
             connection = idle.pop()
             if connection.is_connected:
                 return connection
-        from redis.asyncio.connection import Connection
+        return await self._open(address)
+
+    async def _open(self, address: tuple[str, int]) -> Any:
+        """A new lean connection: no socket timeout of its own (the operation deadline bounds
+        its commands), no retries; connecting has the connect timeout."""
+        from redis.asyncio.connection import Connection, SSLConnection, parse_url
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
@@ -174,14 +181,8 @@ class ClusterNodes:
             for key, value in self._options.items()
             if key not in ("max_connections", "socket_timeout")
         }
-        if self._url.startswith("rediss://"):
-            from redis.asyncio.connection import SSLConnection
-
-            connection_class: Any = SSLConnection
-        else:
-            connection_class = Connection
-        from redis.asyncio.connection import parse_url
-
+        secure = self._url.startswith("rediss://")
+        connection_class: Any = SSLConnection if secure else Connection
         credentials = {
             key: value
             for key, value in parse_url(self._url).items()
@@ -195,11 +196,15 @@ class ClusterNodes:
             **credentials,
             **kwargs,
         )
-        await connection.connect()
+        try:
+            await connection.connect()
+        except BaseException:
+            await connection.disconnect(nowait=True)  # a connect cut short leaves no socket
+            raise
         return connection
 
     def _give_back(self, address: tuple[str, int], connection: Any) -> None:
-        self._idle.setdefault(f"{address[0]}:{address[1]}", []).append(connection)
+        self._idle.setdefault(address, []).append(connection)
 
     async def _run(
         self, requests: Sequence[tuple[str, Sequence[Sequence[Any]]]], extra: float = 0.0
@@ -287,11 +292,17 @@ class ClusterNodes:
                 for (address, asking, members), connection in zip(batches, taken, strict=True):
                     current = address
                     deadline.connection = connection
+                    read = connection.read_response
                     if asking:
-                        await _reply(connection, response_error)  # OK to ASKING
+                        with contextlib.suppress(response_error):
+                            await read()  # ASKING's OK
                     for index in members:
+                        replies = out[index]
                         for _ in groups[index][1]:
-                            out[index].append(await _reply(connection, response_error))
+                            try:
+                                replies.append(await read())
+                            except response_error as exc:  # a whole reply: the connection is fine
+                                replies.append(exc)
         except BaseException as exc:
             self._mark_failed()
             if isinstance(exc, Exception):
@@ -390,14 +401,6 @@ def _batches(
                 by_node[address] = members
         members.append(index)
     return batches
-
-
-async def _reply(connection: Any, response_error: type[Exception]) -> Any:
-    """One reply; an error reply is returned, not raised (a whole reply: the connection is fine)."""
-    try:
-        return await connection.read_response()
-    except response_error as exc:
-        return exc
 
 
 def connected_replicas(info: Any) -> int:
