@@ -213,7 +213,6 @@ async def test_soak_on_a_single_redis_with_restarts_and_blackholes(
         server.cleanup()
 
 
-@pytest.mark.soak_cluster
 async def test_soak_on_the_cluster_with_failovers_and_a_silent_master(
     engine, sessions, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
