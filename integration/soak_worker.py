@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import time
@@ -31,7 +32,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
     import sqlacache
+    from integration import soak_trace
     from tests.models import Order, User
+
+    trace_dir = os.environ.get("SQLACACHE_SOAK_TRACE")
+    if trace_dir:
+        soak_trace.install(trace_dir, args.worker)
 
     engine = create_async_engine(args.pg, pool_size=3)
     truth_engine = create_async_engine(args.pg, pool_size=2)
@@ -39,6 +45,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         backend=args.backend, models={"*": {"timeout": 300}}, prefix=args.prefix
     )
     await cache.bind(engine)
+    if trace_dir:
+        from sqlalchemy import event
+
+        @event.listens_for(engine.sync_engine, "commit")
+        def _commit(conn: Any) -> None:  # just before COMMIT is sent
+            soak_trace.emit({"k": "COMMIT", "t": time.time()})
+
     sessions = async_sessionmaker(engine, expire_on_commit=False)
     rng = random.Random(args.worker)
     own = [pk for pk in range(1, args.users + 1) if pk % args.workers == args.worker]
@@ -73,6 +86,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     def stale(kind: str, what: str) -> None:
         report["stale"].append({"t": time.time(), "kind": kind, "what": what})
 
+    def check_names(kind: str, times: tuple[float, float], got: dict[int, str], truth: Any) -> None:
+        """Names read through the cache against the truth read just before (traced)."""
+        soak_trace.emit(
+            {"k": "fetch", "kind": kind, "t_truth": times[0], "t0": times[1], "t1": time.time()}
+        )
+        for pk, name in got.items():
+            if seq_of(name) < seq_of(truth[pk]):
+                stale(kind, f"user {pk}: {name} after the database had {truth[pk]}")
+                soak_trace.emit(
+                    {"k": "stale", "t": time.time(), "pk": pk, "name": name, "truth": truth[pk]}
+                )
+
     while time.monotonic() < deadline:
         report["ops"] += 1
         previous_started, op_started = op_started, time.time()
@@ -83,6 +108,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 pk = rng.choice(own)
                 seqs[pk] += 1
                 order_id += 1
+                t_begin = time.time()
                 async with sessions() as s:
                     if rng.random() < 0.5:
                         (await s.get(User, pk)).name = f"{pk}:{seqs[pk]}"
@@ -91,24 +117,28 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         await s.execute(stmt)
                     s.add(Order(id=order_id, user_id=pk, total=seqs[pk]))
                     await s.commit()
+                soak_trace.emit(
+                    {"k": "write", "pk": pk, "seq": seqs[pk], "t0": t_begin, "t1": time.time()}
+                )
                 report["orders"].append(order_id)
                 report["writes"] += 1
             elif roll < 0.65:
                 pk = rng.randint(1, args.users)
-                floor = seq_of((await truth_names())[pk])
+                t_truth = time.time()
+                truth = await truth_names()
+                t_read = time.time()
                 async with sessions() as s:
                     name = (await s.get(User, pk)).name
-                if seq_of(name) < floor:
-                    stale("get", f"user {pk}: {name} after the database had {pk}:{floor}")
+                check_names("get", (t_truth, t_read), {pk: name}, truth)
                 report["reads_checked"] += 1
             elif roll < 0.85:
+                t_truth = time.time()
                 truth = await truth_names()
+                t_read = time.time()
                 async with sessions() as s:
                     stmt = select(User).where(User.id <= 10).order_by(User.id)
-                    rows = [(u.id, u.name) for u in (await s.execute(stmt)).scalars()]
-                for pk, name in rows:
-                    if seq_of(name) < seq_of(truth[pk]):
-                        stale("fetch", f"user {pk}: {name} after the database had {truth[pk]}")
+                    rows = {u.id: u.name for u in (await s.execute(stmt)).scalars()}
+                check_names("fetch", (t_truth, t_read), rows, truth)
                 report["reads_checked"] += 1
             else:
                 pk = rng.randint(1, args.users)
@@ -131,6 +161,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             report["pending"].append((pending_since, time.time() + 0.1))
             pending_since = None
         await asyncio.sleep(0)
+    soak_trace.emit({"k": "deadline", "t": time.time()})
     await cache.flush_pending()
     report["pending_at_exit"] = cache.stats()["pending_invalidations"]
     if pending_since is not None:
@@ -144,6 +175,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     report["epoch_moves"] = stats["epoch_moves"]
     report["pending_invalidations"] = stats["pending_invalidations"]
     await cache.disconnect()
+    soak_trace.emit({"k": "disconnected", "t": time.time()})
+    soak_trace.close()
     await engine.dispose()
     await truth_engine.dispose()
     return report

@@ -31,6 +31,10 @@ from sqlacache.errors import ConfigError
 from sqlacache.keys import Namespace
 from tests.fixtures import Stack
 from tests.models import User
+from tests.test_race import (  # noqa: F401 - the announcement's rule, on the cluster
+    test_a_reader_that_sees_a_commit_in_the_database_never_gets_the_older_row_cached,
+    user,
+)
 
 #: No single read may take longer than this during a fault (each backend call is bounded by the
 #: operation timeout; the rest is the database and the event loop of a busy 2-CPU machine).

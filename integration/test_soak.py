@@ -15,6 +15,9 @@ than the failover timeout) and fails the meta master over by hand. Then:
 - no lost write: every order whose commit returned is in the database, and nothing else is;
 - after the faults, a fresh cache reads exactly what the database holds.
 It prints operations, reads checked, stale reads in and out of the bound, and faults injected.
+With SQLACACHE_SOAK_TRACE=DIR the cluster soak's workers trace every Redis round, their writes,
+COMMITs and checked reads; `python -m integration.soak_trace DIR` then tells, for each stale read,
+which write it missed, when that write's bumps landed, and which fill stored the entry served.
 """
 
 from __future__ import annotations
@@ -210,7 +213,6 @@ async def test_soak_on_a_single_redis_with_restarts_and_blackholes(
         server.cleanup()
 
 
-@pytest.mark.soak_cluster
 async def test_soak_on_the_cluster_with_failovers_and_a_silent_master(
     engine, sessions, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -240,4 +242,8 @@ async def test_soak_on_the_cluster_with_failovers_and_a_silent_master(
         reports = list(await asyncio.gather(*workers))
     finally:
         await asyncio.to_thread(cluster.restart_node, other)  # back as a replica: 3 + 3 again
+    trace = os.environ.get("SQLACACHE_SOAK_TRACE")
+    if trace:  # the workers traced every round (integration/soak_trace.py)
+        faults_seen = {"started": faults.started, "log": faults.log, "meta": meta_master}
+        Path(trace, "faults.json").write_text(json.dumps(faults_seen))
     await check_outcome("the cluster", reports, faults, engine, cluster.url, prefix)

@@ -93,8 +93,9 @@ class Invalidator:
         """At flush or DML time: bump what is new and take the leases (keys) not yet held.
 
         Under asyncio this is sent without waiting, so its round trip overlaps the transaction's
-        own work (the COMMIT, typically); the caller hands the returned future to `complete`,
-        which must not overtake it (a lease released before it is taken would stay for its TTL).
+        own work until its COMMIT; the caller hands the returned future to `before_commit`, which
+        waits for it, and to `complete`, which must not overtake it either (a lease released
+        before it is taken would stay for its TTL).
         """
         bump = self._bump_for(db, writes)
         bump.acquire = list(acquire)
@@ -105,6 +106,18 @@ class Invalidator:
             return self.spawn(self._deliver_async(db, bump, tables, (), urgent=True))
         self._deliver(db, bump, tables)
         return None
+
+    def before_commit(self, announcements: Iterable[asyncio.Future[Any]]) -> None:
+        """Just before COMMIT: the transaction's announcements still in flight land first.
+
+        Once other processes can see the commit in the database, no entry filled before its
+        writes may validate any more, and no fill may start until `complete`: a reader that
+        finds the new rows in the database must not then be served the old ones from the cache.
+        An ORM commit sends COMMIT right after its flush, before the announcement's task has
+        even run, so without this wait the announcement would land after the COMMIT. One that
+        fails is queued as usual; the COMMIT goes on.
+        """
+        self._settle(announcements)
 
     def complete(
         self,

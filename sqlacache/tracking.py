@@ -323,6 +323,7 @@ class WriteTracker:
     def _on_commit(self, conn: Connection) -> None:
         tx: ConnectionTx | None = conn.info.get(self.key)
         if tx is not None:
+            self.invalidator.before_commit(tx.announcing)  # fired before COMMIT is sent
             tx.committed = True
 
     def _on_rollback(self, conn: Connection) -> None:

@@ -10,9 +10,10 @@ import asyncio
 from typing import Any
 
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import event, select, text
 from sqlalchemy.util import await_only
 
+from tests.fixtures import create_engine_for
 from tests.models import User
 
 
@@ -109,3 +110,61 @@ async def test_concurrent_misses_with_a_writer_in_between_converge(cache, user, 
     assert await first == "old"
     assert second == "v2"
     assert await name_of(sessions, 1) == "v2"
+
+
+@pytest.mark.parametrize("op", ["get", "fetch"])
+async def test_a_reader_that_sees_a_commit_in_the_database_never_gets_the_older_row_cached(
+    cache, user, sessions, engine, stack, op
+):
+    """The announcement (bump + lease at flush) lands before the COMMIT is sent: once another
+    process can see the commit in the database, no entry filled before it validates any more.
+
+    Under asyncio the announcement runs in a task of its own. Here it is held, if the COMMIT went
+    out before it, until the database has the commit; a reader then reads the row from the
+    database and through the cache. (On mem:// every delivery is synchronous.)
+    """
+    read = (lambda: name_of(sessions, 1)) if op == "get" else (lambda: names(sessions))
+    assert await read() in ("old", ["old", "other"])
+    await cache.flush_pending()  # the entry landed: the next read is a hit
+    truth_engine = await create_engine_for(stack)  # plain SQL, as another process reads
+    store = cache._bound.runtime.store.raw
+    announce = store.bump_async
+    commit_sent = False
+    held, release = asyncio.Event(), asyncio.Event()
+
+    def committing(conn: Any) -> None:  # after the cache's own listener, just before COMMIT
+        nonlocal commit_sent
+        commit_sent = True
+
+    async def database_name(lock: bool) -> str:
+        query = "SELECT name FROM users WHERE id = 1" + (" FOR SHARE" if lock else "")
+        async with truth_engine.connect() as conn:
+            return str((await conn.execute(text(query))).scalar_one())
+
+    async def late_announcement(bump: Any, *args: Any) -> None:
+        if bump.acquire and commit_sent:
+            # the COMMIT is on its way: this waits for the row lock, i.e. for the database
+            # to have committed, then holds the announcement while the reader reads
+            await database_name(lock=True)
+            held.set()
+            await release.wait()
+        await announce(bump, *args)
+
+    store.bump_async = late_announcement
+    event.listen(engine.sync_engine, "commit", committing)
+    try:
+        writer = asyncio.create_task(rename(sessions, 1, "new"))
+        holding = asyncio.create_task(held.wait())
+        await asyncio.wait({writer, holding}, return_when=asyncio.FIRST_COMPLETED)
+        in_database = await database_name(lock=False)
+        cached = await read()
+        release.set()
+        await writer
+    finally:
+        release.set()
+        holding.cancel()
+        event.remove(engine.sync_engine, "commit", committing)
+        del store.bump_async
+        await truth_engine.dispose()
+    assert in_database == "new"
+    assert cached in ("new", ["new", "other"])
