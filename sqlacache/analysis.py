@@ -177,7 +177,7 @@ def analyse(statement: Any, cache_key: Any, dialect: Dialect, volatile: frozense
 
     if model is None:
         return uncacheable("unmapped")
-    if _for_update(statement):
+    if _sqla.locks_rows(statement):
         return bypass("for_update")
     try:
         compiled = statement.compile(dialect=dialect)
@@ -233,14 +233,6 @@ def analyse(statement: Any, cache_key: Any, dialect: Dialect, volatile: frozense
 
 def _is_from_statement(statement: Any) -> bool:
     return type(statement).__name__ == "FromStatement"
-
-
-def _for_update(statement: Any) -> bool:
-    if getattr(statement, "_for_update_arg", None) is not None:
-        return True
-    return any(
-        getattr(s, "_for_update_arg", None) is not None for s in getattr(statement, "selects", ())
-    )
 
 
 def _scan(core: Any, volatile: frozenset[str]) -> str | None:
@@ -361,13 +353,11 @@ def classify(statement: Any, entity_mappers: list[Mapper[Any]]) -> str:
         return "count"
     if (
         isinstance(statement, Select)
-        and len(statement._raw_columns) == 1
+        and len(_sqla.raw_columns(statement)) == 1
         and len(entity_mappers) == 1
         and _is_whole_entity(statement)
-        and not statement._setup_joins
-        and not statement._group_by_clauses
-        and not statement._having_criteria
-        and statement._where_criteria
+        and not _sqla.joins_groups_or_having(statement)
+        and _sqla.where_criteria(statement)
     ):
         return "get"
     return "fetch"
@@ -396,7 +386,7 @@ def _pk_params(
 ) -> tuple[PkParam, ...] | None:
     """If the WHERE is only `=` on every primary-key column, where each value comes from."""
     criteria: list[Any] = []
-    for criterion in statement._where_criteria:
+    for criterion in _sqla.where_criteria(statement):
         criteria.extend(_flatten_and(criterion))
     pk_props = [mapper.get_property_by_column(col) for col in mapper.primary_key]
     found: dict[int, PkParam] = {}
@@ -479,7 +469,7 @@ def mapper_name_of(mapper: Mapper[Any]) -> str:
 def describe_options(statement: Any) -> str:
     """Loader options as text that is identical in every process (no memory addresses)."""
     parts: list[str] = []
-    for option in getattr(statement, "_with_options", ()):
+    for option in _sqla.loader_options(statement):
         kind = type(option)
         if not kind.__module__.startswith("sqlalchemy."):
             raise UnstableValue(kind.__qualname__)
@@ -517,18 +507,18 @@ def _describe_load_element(element: Any) -> str:
 
 
 def result_shape(compiled: Any, compile_state: Any, statement: Any) -> ResultShape | None:
-    entities = getattr(compile_state, "_entities", None)
+    entities = _sqla.orm_entities(compile_state)
     if entities:
-        labels = [e._label_name for e in entities]
-        extra = [getattr(e, "_extra_entities", ()) for e in entities]
+        labels = [_sqla.entity_label(e) for e in entities]
+        extra: list[Any] = [_sqla.entity_extra_objects(e) for e in entities]
         single = len(entities) == 1 and bool(entities[0].supports_single_entity)
         return ResultShape(
             metadata=_sqla.orm_row_metadata(labels, extra, entities),
             single_entity=single,
-            filtered=bool(getattr(compile_state, "_has_mapper_entities", False)),
+            filtered=_sqla.has_mapper_entities(compile_state),
             requires_unique=bool(getattr(compile_state, "multi_row_eager_loaders", False)),
         )
-    result_columns = getattr(compiled, "_result_columns", None)
+    result_columns = _sqla.compiled_result_columns(compiled)
     if not result_columns:
         return None
     labels = [rc[0] for rc in result_columns]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Mapper
 
+from ._sqla import mapper_registries
 from .backend_config import BackendConfig, parse_backend
 from .errors import ConfigError, did_you_mean
 
@@ -284,11 +285,7 @@ def _mapper_of(model: Any) -> Mapper[Any]:
 def warn_unmatched_patterns(module_entries: Mapping[str, Any]) -> list[str]:
     """Log a WARNING for each `module.*` pattern whose module maps no class (a typo, or models
     defined elsewhere): nothing it configures would ever be cached. Returns those patterns."""
-    from sqlalchemy.orm.mapper import _mapper_registries
-
-    modules = {
-        m.class_.__module__ for registry in list(_mapper_registries) for m in registry.mappers
-    }
+    modules = {m.class_.__module__ for registry in mapper_registries() for m in registry.mappers}
     unmatched = [f"{name}.*" for name in module_entries if name not in modules]
     for pattern in unmatched:
         logger.warning(

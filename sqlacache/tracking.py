@@ -31,6 +31,7 @@ from sqlalchemy.sql.dml import Delete, Insert, Update, UpdateBase
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.selectable import CompoundSelect, Select, TextualSelect
 
+from . import _sqla
 from ._sqla import CACHE_OWN_SESSION
 from .database import Database, table_name
 from .ddl import DDL_SQL, ddl_write_names
@@ -231,8 +232,8 @@ class WriteTracker:
         target = getattr(statement, "table", None)
         if not isinstance(target, Table):
             return
-        table = target._deannotate() if target._annotations else target
-        schema_map = db.schema_map(conn._execution_options, execution_options)
+        table = _sqla.plain_table(target)
+        schema_map = db.schema_map(_sqla.bind_execution_options(conn), execution_options)
         name = table_name(table, schema_map)
         tx = self._tx(conn, db)
         frame = tx.top
@@ -289,7 +290,7 @@ class WriteTracker:
     ) -> None:
         """DDL changes its tables' contents without DML: a table-wide write of each."""
         try:
-            schema_map = db.schema_map(conn._execution_options, execution_options)
+            schema_map = db.schema_map(_sqla.bind_execution_options(conn), execution_options)
             names = ddl_write_names(element, text, schema_map)
         except Exception:  # never let the cache break a migration; evicting all is safe
             logger.exception("sqlacache: could not tell which tables a DDL statement changes")
@@ -380,7 +381,7 @@ class WriteTracker:
             identities = [pk_text(pk) for pk in raw]
         except UnstableValue:
             identities = []
-        schema_map = db.schema_map(connection._execution_options)
+        schema_map = db.schema_map(_sqla.bind_execution_options(connection))
         frame = tx.top
         for table in mapper.tables:
             if not isinstance(table, Table):
@@ -495,15 +496,9 @@ def _text_of(element: Any) -> str:
 
 def _updated_columns(statement: Update, parameters: Any) -> set[str] | None:
     names: set[str] = set()
-    for source in (
-        getattr(statement, "_values", None),
-        getattr(statement, "_ordered_values", None),
-    ):
-        if source:
-            items = source.keys() if isinstance(source, Mapping) else (k for k, _ in source)
-            names.update(
-                getattr(k, "key", None) or getattr(k, "name", None) or str(k) for k in items
-            )
+    for source in _sqla.update_values(statement):
+        items = source.keys() if isinstance(source, Mapping) else (k for k, _ in source)
+        names.update(getattr(k, "key", None) or getattr(k, "name", None) or str(k) for k in items)
     if isinstance(parameters, Mapping):
         names.update(str(k) for k in parameters)
     return names or None
