@@ -21,8 +21,9 @@ from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_state
 
 from . import _sqla
-from .analysis import Plan, ResultShape
+from .analysis import Plan
 from .mapped import mapper_tables, relationship_tables
+from .result_shape import ResultShape
 from .serialize import PayloadError, Snapshot
 
 
