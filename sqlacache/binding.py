@@ -29,6 +29,7 @@ from .redis_errors import classify_redis_error
 from .resilience import Breaker, GuardedStore, Recovery
 from .runtime import Runtime
 from .serialize import Serializer
+from .session_tracking import SessionWriteTracker
 from .stats import Stats
 from .tracking import WriteTracker
 
@@ -61,6 +62,7 @@ class Bound:
         spawn = runtime.background.spawn if store.shared else None
         self.invalidator = Invalidator(namespace, runtime.store, config, stats, spawn)
         self.tracker = WriteTracker(self.invalidator, runtime.databases.for_bind, runtime.tx_key)
+        self.session_tracker = SessionWriteTracker(self.tracker)
         self.read_path = ReadPath(runtime)
         self.recovery = Recovery(store, self.invalidator, namespace, runtime.databases.identities)
         breaker.recover = self.recovery
@@ -74,7 +76,7 @@ class Bound:
         )
         runtime.local = self.local_tier
         event.listen(Session, "do_orm_execute", self.read_path.on_execute, retval=True)
-        self.tracker.listen_globally()
+        self.session_tracker.listen()
 
     def add_engine(self, engine: Engine, database_id: str | None) -> bool:
         """Listen to `engine`'s writes; False if it is bound already (or an engine sharing its
@@ -125,7 +127,7 @@ class Bound:
     def unhook(self) -> None:
         if event.contains(Session, "do_orm_execute", self.read_path.on_execute):
             event.remove(Session, "do_orm_execute", self.read_path.on_execute)
-        self.tracker.unlisten()
+        self.session_tracker.unlisten()
         for tier in (self.local_tier, self.tag_listener):
             if tier is not None:
                 tier.stop()
