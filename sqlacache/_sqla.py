@@ -1,4 +1,4 @@
-"""Every private SQLAlchemy name the read path relies on, in one place.
+"""Every private SQLAlchemy name sqlacache relies on, in one place.
 
 SQLAlchemy offers no public API for these; each accessor is pinned by tests/test_sqla_private.py,
 which fails with a message naming the attribute when a SQLAlchemy release changes it.
@@ -147,6 +147,175 @@ def orm_row_metadata(labels: list[Any], extra: list[Any], entities: list[Any]) -
         return SimpleResultMetaData(labels, extra, _create_unique_filters=lambda result: filters)
     except TypeError:  # 2.0
         return SimpleResultMetaData(labels, extra, _unique_filters=filters)  # type: ignore[call-arg]
+
+
+# -- statements: what analysis reads of a SELECT's shape -------------------------------------------
+
+
+def raw_columns(select: Any) -> list[Any]:
+    """The SELECT's columns as written (`select(User)`: one, the entity), before the ORM expands
+    them: `get` is a SELECT of exactly one whole entity."""
+    return list(select._raw_columns)
+
+
+def where_criteria(select: Any) -> tuple[Any, ...]:
+    """The WHERE clause's criteria, one per `.where()`/`.filter()` call (ANDed)."""
+    return tuple(select._where_criteria)
+
+
+def joins_groups_or_having(select: Any) -> bool:
+    """Whether the SELECT has explicit joins, GROUP BY or HAVING: none of these can be a `get`."""
+    return bool(select._setup_joins or select._group_by_clauses or select._having_criteria)
+
+
+def locks_rows(statement: Any) -> bool:
+    """`FOR UPDATE` / `FOR SHARE` (`with_for_update()`) on the statement or one of its selects."""
+    if getattr(statement, "_for_update_arg", None) is not None:
+        return True
+    return any(
+        getattr(s, "_for_update_arg", None) is not None for s in getattr(statement, "selects", ())
+    )
+
+
+def loader_options(statement: Any) -> tuple[Any, ...]:
+    """The statement's loader options (`.options(selectinload(...))`), in order."""
+    return tuple(getattr(statement, "_with_options", ()))
+
+
+def order_by_clauses(statement: Any) -> tuple[Any, ...] | None:
+    """The statement's ORDER BY clauses; None for a statement that cannot have any."""
+    clauses = getattr(statement, "_order_by_clauses", None)
+    return None if clauses is None else tuple(clauses)
+
+
+def update_values(statement: Any) -> list[Any]:
+    """What an UPDATE's `.values()` / `.ordered_values()` set: a mapping or (column, value) pairs
+    each, empty ones left out. The columns an UPDATE changes decide its foreign-key cascades."""
+    return [
+        source
+        for source in (
+            getattr(statement, "_values", None),
+            getattr(statement, "_ordered_values", None),
+        )
+        if source
+    ]
+
+
+def plain_table(table: Any) -> Any:
+    """The Table itself: ORM statements hold annotated copies that neither equal nor hash like it."""
+    return table._deannotate() if table._annotations else table
+
+
+# -- compiled statements: the shape of the result the ORM builds ---------------------------------
+
+
+def orm_entities(compile_state: Any) -> list[Any] | None:
+    """The ORM compile state's result entities (one per result column); None for a Core one."""
+    entities = getattr(compile_state, "_entities", None)
+    return None if entities is None else list(entities)
+
+
+def entity_label(entity: Any) -> Any:
+    """The name of an ORM result entity's column in the result's rows (None for some)."""
+    return entity._label_name
+
+
+def entity_extra_objects(entity: Any) -> tuple[Any, ...]:
+    """The objects by which a result column of an ORM entity can also be looked up."""
+    return tuple(getattr(entity, "_extra_entities", ()))
+
+
+def has_mapper_entities(compile_state: Any) -> bool:
+    """Whether the ORM filters the result's rows (an entity among its columns)."""
+    return bool(getattr(compile_state, "_has_mapper_entities", False))
+
+
+def compiled_result_columns(compiled: Any) -> list[tuple[Any, ...]]:
+    """A compiled Core SELECT's result columns: (key name, name, objects, type) each."""
+    return list(getattr(compiled, "_result_columns", None) or ())
+
+
+# -- results and sessions: what a hit builds without running SQL ---------------------------------
+
+
+def shape_result(
+    result: Result[Any], *, filtered: bool, single_entity: bool, unique_filter: Any
+) -> None:
+    """Give a Result built from rows the flags of an ORM result: `filtered` (an entity among its
+    columns), `is_single_entity` (so `.scalars()` and a legacy `Query` see objects), and the
+    uniquing rule (None for none) of joined eager loads of collections."""
+    result._attributes = result._attributes.union(
+        {"filtered": filtered, "is_single_entity": single_entity}
+    )
+    result._source_supports_scalars = single_entity
+    if unique_filter is not None:
+        result._unique_filter_state = unique_filter
+
+
+def identity_class(mapper: Any) -> type:
+    """The class an identity key names (a base mapper's, for inheritance): building the key as
+    `Mapper.identity_key_from_primary_key` does, without its per-call overhead."""
+    cls: type = mapper._identity_class
+    return cls
+
+
+def add_to_identity_map(identity_map: Any) -> Callable[[Any, Any], Any]:
+    """`add(state, key)`: put a state the identity map does not hold yet into it, as a load does."""
+    add: Callable[[Any, Any], Any] = identity_map._add_unpresent
+    return add
+
+
+def commit_loaded(state: Any, identity_map: Any) -> None:
+    """Mark everything a freshly built object holds as loaded and unchanged, as a load does."""
+    state._commit_all(state.dict, identity_map)
+
+
+def commit_attributes(state: Any, dict_: Any, keys: list[str]) -> None:
+    """Mark the attributes `keys` of a persistent object loaded and unchanged."""
+    state._commit(dict_, keys)
+
+
+def is_mapped_class(cls: type) -> bool:
+    """Whether instances of `cls` are mapped objects (cheaper than `inspect()` per type)."""
+    return hasattr(cls, "_sa_class_manager")
+
+
+# -- engines and connections ----------------------------------------------------------------------
+
+#: the key SQLAlchemy stores a `schema_translate_map`'s None key under, in the map itself, from
+#: its first execution on
+SCHEMA_MAP_NONE_KEY = "_none"
+
+
+def connect_isolation_level(dialect: Any) -> Any:
+    """The isolation level the engine's `isolation_level=` sets on every new connection, if any."""
+    return getattr(dialect, "_on_connect_isolation_level", None)
+
+
+# -- the mapping: every mapper of every registry ----------------------------------------------------
+
+
+def mapper_registries() -> list[Any]:
+    """Every live `registry` (declarative bases and imperative registries)."""
+    from sqlalchemy.orm.mapper import _mapper_registries
+
+    return list(_mapper_registries)
+
+
+def registry_class_managers(registry: Any) -> list[Any]:
+    """The class managers of a registry: unlike `registry.mappers` this does not raise for a
+    class whose mapping failed half way."""
+    return list(getattr(registry, "_managers", ()))
+
+
+def configure_failed(mapper: Any) -> bool:
+    """Whether configuring this mapper failed (its queries raise; it owns no table for us)."""
+    return bool(getattr(mapper, "_configure_failed", False))
+
+
+def polymorphic_selectable(mapper: Any) -> Any:
+    """The selectable `with_polymorphic` loads instances from (None without one)."""
+    return getattr(mapper, "_with_polymorphic_selectable", None)
 
 
 def _hash_or_id(value: Any) -> int:

@@ -2,12 +2,11 @@
 
 Everything here depends only on the statement's shape, so it is computed once per SQLAlchemy
 `CacheKey` structure and dialect and memoised as a `Plan`; the hit path only reads the plan.
+What forbids caching any statement is found by `scan`; its result's shape by `result_shape`.
 """
 
 from __future__ import annotations
 
-import functools
-import re
 import threading
 import uuid
 from collections import OrderedDict
@@ -17,14 +16,12 @@ from typing import Any
 
 from sqlalchemy import Table, inspect
 from sqlalchemy.engine import Dialect
-from sqlalchemy.engine.result import SimpleResultMetaData
 from sqlalchemy.orm import Mapper
 from sqlalchemy.sql import operators, visitors
 from sqlalchemy.sql.elements import (
     BinaryExpression,
     BindParameter,
     BooleanClauseList,
-    ColumnClause,
     Label,
     TextClause,
 )
@@ -32,20 +29,12 @@ from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import CompoundSelect, Exists, Select, TextualSelect
 
 from . import _sqla
-from .keys import UnstableValue, canonical, digest
+from .keys import UnstableValue, digest
 from .mapped import eager_dependencies, entity_tables, mapper_for_table, plain
+from .result_shape import ResultShape, describe_options, describe_result, result_shape
+from .scan import bypass_reason
 
 # -- the plan ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ResultShape:
-    """What the ORM's result object looks like, so a hit can build the same one without SQL."""
-
-    metadata: SimpleResultMetaData
-    single_entity: bool
-    filtered: bool
-    requires_unique: bool
 
 
 @dataclass(frozen=True)
@@ -177,7 +166,7 @@ def analyse(statement: Any, cache_key: Any, dialect: Dialect, volatile: frozense
 
     if model is None:
         return uncacheable("unmapped")
-    if _for_update(statement):
+    if _sqla.locks_rows(statement):
         return bypass("for_update")
     try:
         compiled = statement.compile(dialect=dialect)
@@ -187,11 +176,9 @@ def analyse(statement: Any, cache_key: Any, dialect: Dialect, volatile: frozense
     core = getattr(compile_state, "statement", None)
     if core is None:
         core = statement
-    reason = _scan(core, volatile)
+    reason = bypass_reason(core, volatile)
     if reason:
         return bypass(reason)
-    if any(_scan_cte_dml(core)):
-        return bypass("dml_cte")
     try:
         options_text = describe_options(statement)
     except UnstableValue:
@@ -233,87 +220,6 @@ def analyse(statement: Any, cache_key: Any, dialect: Dialect, volatile: frozense
 
 def _is_from_statement(statement: Any) -> bool:
     return type(statement).__name__ == "FromStatement"
-
-
-def _for_update(statement: Any) -> bool:
-    if getattr(statement, "_for_update_arg", None) is not None:
-        return True
-    return any(
-        getattr(s, "_for_update_arg", None) is not None for s in getattr(statement, "selects", ())
-    )
-
-
-def _scan(core: Any, volatile: frozenset[str]) -> str | None:
-    """Reasons found anywhere in the statement: raw text fragments, volatile functions.
-
-    A volatile function is found whether the statement calls it through `func` or writes it in
-    a SQL text fragment (`literal_column("random()")`, `text()` in a column or a clause). Of the
-    fragments without one, a `text()` is still never cached: it is SQLAlchemy's way to write a
-    whole clause (`select_from(text(...))`, a subquery), so it may read tables nobody can see.
-    A literal column cannot be a FROM, so it reads nothing unless it holds a subquery: one that
-    shows no sign of one (`literal_column("1")`, `literal_column("a + 1")`) is cached.
-    """
-    pattern = _volatile_pattern(volatile)
-    reason: str | None = None
-    for element in visitors.iterate(core):
-        if isinstance(element, TextClause):
-            if pattern.search(element.text):
-                return "volatile_function"
-            reason = "text"
-        elif isinstance(element, ColumnClause) and element.is_literal:
-            if pattern.search(element.name):
-                return "volatile_function"
-            if _READS_RELATIONS.search(element.name):
-                reason = "text"
-        elif isinstance(element, FunctionElement):
-            name = getattr(element, "name", "") or type(element).__name__
-            if str(name).lower() in volatile or type(element).__name__ == "next_value":
-                return "volatile_function"
-    return reason
-
-
-#: SQL keywords by which a text fragment could reach a table
-_READS_RELATIONS = re.compile(
-    r"(?<![\w$])(select|from|join|table|values|with|lateral|into|update|delete|insert)(?![\w$])",
-    re.IGNORECASE,
-)
-
-#: volatile functions that SQL lets one write without parentheses
-_PARENLESS = frozenset(
-    {
-        "current_timestamp",
-        "current_date",
-        "current_time",
-        "current_user",
-        "current_role",
-        "current_schema",
-        "current_catalog",
-        "session_user",
-        "system_user",
-        "user",
-        "localtime",
-        "localtimestamp",
-        "sysdate",
-        "utc_timestamp",
-    }
-)
-
-
-@functools.lru_cache(maxsize=16)
-def _volatile_pattern(volatile: frozenset[str]) -> re.Pattern[str]:
-    """Calls `name(` of any volatile function, and the bare words of the parenthesis-less ones."""
-    names = sorted(volatile, key=len, reverse=True)
-    calls = "|".join(re.escape(n) for n in names) or "(?!)"
-    bare = "|".join(re.escape(n) for n in names if n in _PARENLESS) or "(?!)"
-    return re.compile(rf"(?<![\w$])(?:(?:{calls})\s*\(|(?:{bare})(?![\w$]))", re.IGNORECASE)
-
-
-def _scan_cte_dml(core: Any) -> Iterator[bool]:
-    from sqlalchemy.sql.dml import UpdateBase
-
-    for element in visitors.iterate(core):
-        if isinstance(element, UpdateBase):
-            yield True
 
 
 def _tables_in(core: Any) -> Iterator[Table]:
@@ -361,13 +267,11 @@ def classify(statement: Any, entity_mappers: list[Mapper[Any]]) -> str:
         return "count"
     if (
         isinstance(statement, Select)
-        and len(statement._raw_columns) == 1
+        and len(_sqla.raw_columns(statement)) == 1
         and len(entity_mappers) == 1
         and _is_whole_entity(statement)
-        and not statement._setup_joins
-        and not statement._group_by_clauses
-        and not statement._having_criteria
-        and statement._where_criteria
+        and not _sqla.joins_groups_or_having(statement)
+        and _sqla.where_criteria(statement)
     ):
         return "get"
     return "fetch"
@@ -396,7 +300,7 @@ def _pk_params(
 ) -> tuple[PkParam, ...] | None:
     """If the WHERE is only `=` on every primary-key column, where each value comes from."""
     criteria: list[Any] = []
-    for criterion in statement._where_criteria:
+    for criterion in _sqla.where_criteria(statement):
         criteria.extend(_flatten_and(criterion))
     pk_props = [mapper.get_property_by_column(col) for col in mapper.primary_key]
     found: dict[int, PkParam] = {}
@@ -448,94 +352,3 @@ def coerce_pk(value: Any, python_type: type | None) -> Any:
     if python_type is int and isinstance(value, str):
         return int(value)
     return value
-
-
-def describe_result(statement: Any) -> str:
-    """What each result column is, as text identical in every process.
-
-    Two statements can render the same SQL and still return different things: an entity, its
-    columns, a `Bundle` of them, another class mapped to the same table. Their entries must
-    differ.
-    """
-    try:
-        descriptions = statement.column_descriptions
-    except Exception:
-        return ""
-    parts = []
-    for desc in descriptions:
-        entity, expr = desc.get("entity"), desc.get("expr")
-        info = inspect(entity, raiseerr=False) if entity is not None else None
-        mapper = getattr(info, "mapper", None)
-        owner = "" if mapper is None else mapper_name_of(mapper)
-        kind = "entity" if expr is entity and entity is not None else type(expr).__name__
-        parts.append(f"{desc.get('name')}:{kind}:{owner}:{int(bool(desc.get('aliased')))}")
-    return ";".join(parts)
-
-
-def mapper_name_of(mapper: Mapper[Any]) -> str:
-    return f"{mapper.class_.__module__}.{mapper.class_.__qualname__}"
-
-
-def describe_options(statement: Any) -> str:
-    """Loader options as text that is identical in every process (no memory addresses)."""
-    parts: list[str] = []
-    for option in getattr(statement, "_with_options", ()):
-        kind = type(option)
-        if not kind.__module__.startswith("sqlalchemy."):
-            raise UnstableValue(kind.__qualname__)
-        parts.append(kind.__qualname__)
-        for element in getattr(option, "context", ()):
-            parts.append(_describe_load_element(element))
-    return ";".join(parts)
-
-
-def _describe_load_element(element: Any) -> str:
-    path = getattr(element, "path", None)
-    tokens: list[str] = []
-    for token in getattr(path, "path", ()) or ():
-        if isinstance(token, Mapper):
-            tokens.append(f"{token.class_.__module__}.{token.class_.__qualname__}")
-        elif hasattr(token, "key") and hasattr(token, "parent"):
-            tokens.append(str(token.key))
-        elif isinstance(token, str):
-            tokens.append(token)
-        else:
-            info = inspect(token, raiseerr=False)
-            if getattr(info, "is_aliased_class", False) and getattr(info, "name", None):
-                tokens.append(f"aliased:{info.mapper.class_.__qualname__}:{info.name}")
-            else:
-                raise UnstableValue(type(token).__qualname__)
-    strategy = getattr(element, "strategy", None)
-    local_opts = getattr(element, "local_opts", None) or {}
-    opts = ",".join(
-        f"{k}={canonical(v)}" for k, v in sorted(local_opts.items(), key=lambda kv: str(kv[0]))
-    )
-    return f"{type(element).__name__}[{'/'.join(tokens)}]{strategy!r}{{{opts}}}"
-
-
-# -- the result's shape --------------------------------------------------------------------------
-
-
-def result_shape(compiled: Any, compile_state: Any, statement: Any) -> ResultShape | None:
-    entities = getattr(compile_state, "_entities", None)
-    if entities:
-        labels = [e._label_name for e in entities]
-        extra = [getattr(e, "_extra_entities", ()) for e in entities]
-        single = len(entities) == 1 and bool(entities[0].supports_single_entity)
-        return ResultShape(
-            metadata=_sqla.orm_row_metadata(labels, extra, entities),
-            single_entity=single,
-            filtered=bool(getattr(compile_state, "_has_mapper_entities", False)),
-            requires_unique=bool(getattr(compile_state, "multi_row_eager_loaders", False)),
-        )
-    result_columns = getattr(compiled, "_result_columns", None)
-    if not result_columns:
-        return None
-    labels = [rc[0] for rc in result_columns]
-    extra = [tuple(rc[2]) for rc in result_columns]
-    return ResultShape(
-        metadata=SimpleResultMetaData(labels, extra),
-        single_entity=False,
-        filtered=False,
-        requires_unique=False,
-    )

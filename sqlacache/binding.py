@@ -9,13 +9,18 @@ import functools
 import os
 
 from sqlalchemy import event
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from ._greenlet import greenlet_spawn
 from .backends import Store, make_store
 from .backends.cluster import ClusterStore
+from .backends.cluster import check_config as check_cluster_mode
 from .backends.redis import RedisStore
 from .cashews_bridge import CashewsBridge, is_in_process
 from .config import CacheConfig
+from .database import Database, database_identity
+from .errors import CacheUnavailable, ConfigError
 from .hooks import ReadPath
 from .invalidation import Invalidator
 from .keys import Namespace
@@ -24,6 +29,7 @@ from .redis_errors import classify_redis_error
 from .resilience import Breaker, GuardedStore, Recovery
 from .runtime import Runtime
 from .serialize import Serializer
+from .session_tracking import SessionWriteTracker
 from .stats import Stats
 from .tracking import WriteTracker
 
@@ -52,9 +58,11 @@ class Bound:
             instance_id=instance_id,
         )
         self.runtime = runtime
+        self.breaker = breaker
         spawn = runtime.background.spawn if store.shared else None
         self.invalidator = Invalidator(namespace, runtime.store, config, stats, spawn)
         self.tracker = WriteTracker(self.invalidator, runtime.databases.for_bind, runtime.tx_key)
+        self.session_tracker = SessionWriteTracker(self.tracker)
         self.read_path = ReadPath(runtime)
         self.recovery = Recovery(store, self.invalidator, namespace, runtime.databases.identities)
         breaker.recover = self.recovery
@@ -68,12 +76,58 @@ class Bound:
         )
         runtime.local = self.local_tier
         event.listen(Session, "do_orm_execute", self.read_path.on_execute, retval=True)
-        self.tracker.listen_globally()
+        self.session_tracker.listen()
+
+    def add_engine(self, engine: Engine, database_id: str | None) -> bool:
+        """Listen to `engine`'s writes; False if it is bound already (or an engine sharing its
+        pool, made by `execution_options()`)."""
+        databases = self.runtime.databases
+        if engine in databases or databases.for_pool(engine.pool):
+            return False
+        identity = database_id or database_identity(engine)
+        database = Database(engine, identity, self.runtime.config.volatile_functions)
+        databases.add(database, self.tracker.listen_engine(engine))
+        return True
+
+    def register_database(self, engine: Engine) -> None:
+        """Record the database identity in the backend (for the command line) and open a few
+        connections. Redis may be down: failures only feed the circuit breaker, which logs once
+        per outage. A refusal that names a wrong setting unbinds the engine and raises."""
+        databases, store = self.runtime.databases, self.runtime.store
+        database = databases.for_pool(engine.pool)
+        assert database is not None
+        try:
+            check_cluster_mode(store.raw)  # outside the breaker: a mistake must reach the caller
+            store.warm_up()
+            self.recovery.check_server(store.server_id())
+            store.add_member(self.runtime.namespace.databases_key, database.identity)
+        except ConfigError:
+            databases.remove(engine)  # not bound: the caller must fix the configuration
+            raise
+        except CacheUnavailable as exc:
+            cause = exc.__cause__
+            problem = None if cause is None else self.breaker.misconfiguration(cause)
+            if problem is not None:
+                databases.remove(engine)
+                raise ConfigError(problem) from cause
+
+    async def flush_pending(self) -> None:
+        """Wait for entries still being written, and deliver queued invalidations (and cashews
+        tags) now if the backend answers."""
+        await self.runtime.background.drain()
+        if self.bridge is not None:  # cashews tags an outage kept
+            await self.bridge.redeliver()
+        if self.invalidator.pending:
+            try:
+                await greenlet_spawn(self.recovery)
+            except Exception:
+                return  # still unreachable: the breaker's probe keeps trying
+            self.breaker.close()
 
     def unhook(self) -> None:
         if event.contains(Session, "do_orm_execute", self.read_path.on_execute):
             event.remove(Session, "do_orm_execute", self.read_path.on_execute)
-        self.tracker.unlisten()
+        self.session_tracker.unlisten()
         for tier in (self.local_tier, self.tag_listener):
             if tier is not None:
                 tier.stop()

@@ -265,7 +265,7 @@ def _resolve_target(name: str) -> Any:
     if name in tables:
         return tables[name]
     if "." in name:
-        from .config import import_class
+        from .policy import import_class
 
         try:
             return import_class(name)  # the manager invalidates all its tables (inheritance)

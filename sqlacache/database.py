@@ -18,6 +18,7 @@ from sqlalchemy import Table, event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import Pool
 
+from . import _sqla
 from .analysis import PlanCache
 
 logger = logging.getLogger("sqlacache")
@@ -119,7 +120,7 @@ class Database:
         self.identity = identity
         self.dialect = engine.dialect
         self.plans = PlanCache(engine.dialect, volatile)
-        self.engine_schema_map: Mapping[Any, Any] | None = engine._execution_options.get(
+        self.engine_schema_map: Mapping[Any, Any] | None = _sqla.bind_execution_options(engine).get(
             "schema_translate_map"
         )
         self.is_sqlite = engine.dialect.name == "sqlite"
@@ -142,21 +143,21 @@ class Database:
             )
             if found:
                 merged = {**(merged or {}), **found}
-        if merged and "_none" in merged:
+        if merged and _sqla.SCHEMA_MAP_NONE_KEY in merged:
             # SQLAlchemy adds "_none" for the None key to a map in place at its first execution;
             # without this, the first read of a tenant would be keyed apart from all later ones
-            merged[None] = merged.pop("_none")
+            merged[None] = merged.pop(_sqla.SCHEMA_MAP_NONE_KEY)
         return merged
 
     def isolation_of(self, connection: Connection | None) -> str:
         """The isolation level a connection runs under, without asking the server."""
         level = None
         if connection is not None:
-            level = connection._execution_options.get("isolation_level")
+            level = _sqla.bind_execution_options(connection).get("isolation_level")
         if level is None:
-            level = self.engine._execution_options.get("isolation_level")
+            level = _sqla.bind_execution_options(self.engine).get("isolation_level")
         if level is None:
-            level = getattr(self.dialect, "_on_connect_isolation_level", None)
+            level = _sqla.connect_isolation_level(self.dialect)
         if level is None:
             level = getattr(self.dialect, "default_isolation_level", None) or "READ COMMITTED"
         return str(level).upper().replace("_", " ")

@@ -18,6 +18,7 @@ from sqlalchemy import Index, Sequence, Table
 from sqlalchemy.sql import ddl as sa_ddl
 from sqlalchemy.sql.schema import Column, Constraint
 
+from . import _sqla
 from .database import table_name
 
 #: raw SQL that changes the schema (or, for TRUNCATE, every row): a table-wide write
@@ -116,7 +117,7 @@ def _all(schema_map: Mapping[Any, Any] | None) -> set[str]:
 
 
 def _plain(table: Table) -> Table:
-    return table._deannotate() if table._annotations else table
+    return _sqla.plain_table(table)
 
 
 def names_of(tables: Iterable[Table], schema_map: Mapping[Any, Any] | None) -> set[str]:

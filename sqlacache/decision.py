@@ -18,13 +18,22 @@ from sqlalchemy.orm.attributes import instance_state
 
 from . import _sqla
 from .analysis import Plan, coerce_pk
-from .config import ModelPolicy, check_timeout
 from .database import Database, table_name
 from .keys import UnstableValue, canonical, digest_base, digest_from, pk_text
+from .policy import ModelPolicy, check_timeout
 from .runtime import Runtime
 from .snapshot import mapper_name
 
 FORCE_OPTION = "sqlacache_force"
+
+
+def force_options(instance_id: int, timeout: int | None) -> dict[str, Any]:
+    """The execution options of `cache.execute()`: cached by this cache whatever the
+    configuration's ops and None entries say, for `timeout` seconds if given."""
+    options: dict[str, Any] = {FORCE_OPTION: instance_id}
+    if timeout is not None:
+        options["cache_timeout"] = timeout
+    return options
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,8 +10,9 @@ that fails is queued per table and redelivered before this process serves from t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Table
@@ -21,10 +22,11 @@ from sqlalchemy.orm import Mapper
 from ._greenlet import await_, in_greenlet
 from .backends.base import Bump
 from .cashews_bridge import tags_of
-from .config import CacheConfig, import_class
-from .errors import CacheUnavailable, ConfigError
+from .config import CacheConfig
+from .errors import CacheUnavailable, ConfigError, TransportError
 from .keys import WRITTEN_ROW_TTL_MS, Namespace, UnstableValue, new_token, pk_text
 from .mapped import MAPPERS
+from .policy import import_class
 from .resilience import Breaker, GuardedStore
 from .stats import Stats
 from .writes import WriteSet, cascade_targets
@@ -221,6 +223,33 @@ class Invalidator:
             delivered = self.complete(db, writes, ()) and delivered
         return delivered
 
+    def invalidate_known(
+        self,
+        databases: Iterable[str],
+        tables: list[Table | str],
+        rows: list[str] | None,
+        keys: list[Any] | None,
+    ) -> None:
+        """`cache.invalidate()`: `invalidate_tables` in `databases` and in those other processes
+        registered; raises `TransportError` if the delivery was queued."""
+        known = set(databases)
+        with contextlib.suppress(CacheUnavailable):  # databases other processes registered
+            known.update(self.store.members(self.ns.databases_key))
+        raw = None if keys is None else {k if isinstance(k, tuple) else (k,) for k in keys}
+        if not self.invalidate_tables(known, tables, rows, raw):
+            raise TransportError("cache backend unreachable; the invalidation is queued")
+
+    def invalidate_everything(self) -> None:
+        """`cache.invalidate_all()`: a new epoch, then the entries it orphaned deleted; raises
+        `TransportError` if the new epoch was queued."""
+        try:
+            self.invalidate_all()
+        except CacheUnavailable:
+            raise TransportError("cache backend unreachable; invalidate_all is queued") from None
+        # the epoch has moved: entries left behind can never validate, and expire by TTL
+        with contextlib.suppress(CacheUnavailable):
+            self.store.delete_entries(self.ns.entry_prefix)
+
     def invalidate_all(self) -> None:
         """Move the namespace to a new epoch: every entry of this prefix stops validating."""
         bump = Bump(persistent=[self.ns.epoch_key])
@@ -379,6 +408,25 @@ class Invalidator:
 
 
 # -- what `cache.invalidate(target, pks)` names ---------------------------------------------------
+
+
+def pks_list(pks: Any) -> list[Any]:
+    """`invalidate()`'s `pks` as a list of keys: one scalar (`pks=42`, `pks="a"`) is one key;
+    a list, set or other iterable holds keys (scalars, or tuples in primary-key order)."""
+    if isinstance(pks, (str, bytes)) or not isinstance(pks, Iterable):
+        return [pks]
+    if isinstance(pks, Mapping):
+        raise ConfigError(f"pks must be a key, or a list of keys, not a mapping: {pks!r}")
+    return list(pks)
+
+
+def check_invalidate_all_call(pks: Any) -> None:
+    """`invalidate(None)` means `invalidate_all()`; rows without a model mean nothing."""
+    if pks is not None:
+        raise ConfigError(
+            f"invalidate(pks={pks!r}) needs the model or table the keys belong to: "
+            "invalidate(User, pks=[...]); invalidate() alone makes everything stale"
+        )
 
 
 def invalidation_targets(

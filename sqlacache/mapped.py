@@ -11,16 +11,17 @@ from typing import Any
 
 from sqlalchemy import Table
 from sqlalchemy.orm import Mapper, RelationshipProperty
-from sqlalchemy.orm.mapper import _mapper_registries
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.elements import ColumnClause
+
+from . import _sqla
 
 EAGER_STRATEGIES = frozenset({"selectin", "joined", "subquery", "immediate"})
 
 
 def plain(table: Table) -> Table:
     """The Table itself: ORM statements hold annotated copies that neither equal nor hash like it."""
-    return table._deannotate() if table._annotations else table
+    return _sqla.plain_table(table)
 
 
 def entity_tables(mapper: Mapper[Any]) -> tuple[Table, ...]:
@@ -85,7 +86,7 @@ def mapper_tables(mapper: Mapper[Any]) -> tuple[Table, ...]:
         for prop in mapper.column_attrs:
             for column in prop.columns:
                 out.extend(expression_tables(column))
-        polymorphic = getattr(mapper, "_with_polymorphic_selectable", None)
+        polymorphic = _sqla.polymorphic_selectable(mapper)
         if polymorphic is not None:
             out.extend(expression_tables(polymorphic))
         found = tuple(dict.fromkeys(out))
@@ -125,7 +126,7 @@ def expression_tables(expression: Any) -> Iterator[Table]:
 
 
 def _option_relationships(statement: Any) -> Iterator[RelationshipProperty[Any]]:
-    for option in getattr(statement, "_with_options", ()):
+    for option in _sqla.loader_options(statement):
         for element in getattr(option, "context", ()):
             path = getattr(element, "path", None)
             for token in getattr(path, "path", ()) or ():
@@ -149,16 +150,15 @@ class _MapperIndex:
 
     def _mappers(self) -> list[Mapper[Any]]:
         found: list[Mapper[Any]] = []
-        for registry in list(_mapper_registries):
-            # `registry.mappers` raises for a class whose mapping failed half way
-            for manager in list(getattr(registry, "_managers", ())):
+        for registry in _sqla.mapper_registries():
+            for manager in _sqla.registry_class_managers(registry):
                 if not getattr(manager, "is_mapped", False):
                     continue
                 try:
                     mapper = manager.mapper
                 except Exception:
                     continue
-                if not getattr(mapper, "_configure_failed", False):
+                if not _sqla.configure_failed(mapper):
                     found.append(mapper)
         return found
 

@@ -189,6 +189,12 @@ class Breaker:
                 continue
             self.close()
 
+    def detach(self) -> None:
+        """Forget the parts of a cache being disconnected: no probe runs, nothing waits."""
+        self.stop()
+        self.recover = None
+        self.urgent = lambda: False
+
     def stop(self) -> None:
         task, self._probe_task = self._probe_task, None
         if task is None or task.done():

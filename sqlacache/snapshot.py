@@ -20,8 +20,10 @@ from sqlalchemy.engine.result import IteratorResult, Result
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_state
 
-from .analysis import Plan, ResultShape
+from . import _sqla
+from .analysis import Plan
 from .mapped import mapper_tables, relationship_tables
+from .result_shape import ResultShape
 from .serialize import PayloadError, Snapshot
 
 
@@ -292,7 +294,7 @@ def _is_entity_column(rows: Sequence[Any], position: int | None) -> bool:
     cells = rows if position is None else map(operator.itemgetter(position), rows)
     kinds = set(map(type, cells))
     kinds.discard(type(None))
-    mapped = {hasattr(kind, "_sa_class_manager") for kind in kinds}
+    mapped = {_sqla.is_mapped_class(kind) for kind in kinds}
     if len(mapped) > 1:
         raise NotSnapshottable("mixed_column")
     return mapped == {True}
@@ -320,7 +322,7 @@ def thaw(
             (
                 keys,
                 _pk_positions(mapper, tuple(keys)),
-                mapper._identity_class,
+                _sqla.identity_class(mapper),
                 mapper.class_manager.new_instance,
                 _mutable_positions(mapper) if shared else (),
             )
@@ -365,11 +367,11 @@ def thaw(
         if rels:
             _set_relationships(objects[position], fresh[position], rels, objects)
     session_id = session.hash_key
-    add = identity_map._add_unpresent
+    add = _sqla.add_to_identity_map(identity_map)
     for state in new_states:
         state.session_id = session_id
         add(state, state.key)
-        state._commit_all(state.dict, identity_map)
+        _sqla.commit_loaded(state, identity_map)
         if state.manager.dispatch.load:
             state.manager.dispatch.load(state, None)
     if snapshot.single_entity:
@@ -402,7 +404,7 @@ def _fill_unloaded(state: Any, keys: list[str], values: Sequence[Any], missing: 
             dict_[key] = values[i]
             filled.append(key)
     if filled:
-        state._commit(dict_, filled)
+        _sqla.commit_attributes(state, dict_, filled)
 
 
 def _set_relationships(obj: Any, fresh: bool, rels: dict[str, Any], objects: list[Any]) -> None:
@@ -448,12 +450,12 @@ def _require_unique(obj: Any) -> Any:
 def build_result(shape: ResultShape, single_entity: bool, rows: Iterable[Any]) -> Result[Any]:
     """The Result the ORM would have returned for these rows."""
     result: IteratorResult[Any] = IteratorResult(shape.metadata, iter(rows))
-    result._attributes = result._attributes.union(
-        {"filtered": shape.filtered, "is_single_entity": single_entity}
+    _sqla.shape_result(
+        result,
+        filtered=shape.filtered,
+        single_entity=single_entity,
+        unique_filter=(set(), _require_unique) if shape.requires_unique else None,
     )
-    result._source_supports_scalars = single_entity
-    if shape.requires_unique:
-        result._unique_filter_state = (set(), _require_unique)
     return result
 
 

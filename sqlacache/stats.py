@@ -11,9 +11,14 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from sqlalchemy.orm import Mapper
+
+if TYPE_CHECKING:
+    from .binding import Bound
+    from .config import CacheConfig
+    from .resilience import Breaker
 
 logger = logging.getLogger("sqlacache")
 
@@ -21,6 +26,31 @@ logger = logging.getLogger("sqlacache")
 HitHook = Callable[[Any, str], None]
 InvalidateHook = Callable[[str, Any], None]
 MismatchHook = Callable[[Any, str, str], None]
+
+
+H = TypeVar("H")
+
+
+class Hook(Generic[H]):
+    """A hook attribute of the cache, assignable as upstream's users do (`cache.on_hit = fn`),
+    kept in the owner's `counters` (its `Stats`), which call it."""
+
+    def __init__(self, doc: str) -> None:
+        self.__doc__ = doc
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> Hook[H]: ...
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> H | None: ...
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        return self if obj is None else getattr(obj.counters, self.name)
+
+    def __set__(self, obj: Any, hook: H | None) -> None:
+        setattr(obj.counters, self.name, hook)
 
 
 def _model_class(model: Any) -> Any:
@@ -178,18 +208,16 @@ class Stats:
             "internal_errors": dict(self.internal_errors),
         }
 
-    def report(
-        self,
-        *,
-        backend: Any,
-        config_error: str | None,
-        prefix: str,
-        breaker: Any,
-        pending: int,
-        databases: list[str],
-    ) -> dict[str, Any]:
-        """What `cache.stats()` returns: the counters, the backend, the breaker, the queue."""
-        data = self.as_dict()
+    def report(self, config: CacheConfig, breaker: Breaker, bound: Bound | None) -> dict[str, Any]:
+        """What `cache.stats()` returns: the counters, the backend, the breaker, the queue, and
+        the in-process tier's and the cashews bridge's counters where configured."""
+        data: dict[str, Any] = {}
+        if bound is not None and bound.local_tier is not None:
+            data["local"] = bound.local_tier.stats()
+        if bound is not None and bound.bridge is not None:
+            data["cashews"] = bound.bridge.stats()
+        data.update(self.as_dict())
+        backend = config.backend
         data["backend"] = {
             "scheme": backend.scheme,
             "shared_between_processes": not backend.is_memory,
@@ -199,16 +227,16 @@ class Stats:
                 else "shared by every process using this Redis and prefix"
             ),
             # what the backend's refusal says is wrong in the configuration (None if nothing)
-            "config_error": config_error,
+            "config_error": breaker.config_error,
         }
-        data["prefix"] = prefix
+        data["prefix"] = config.prefix
         data["circuit_breaker"] = {
             "state": breaker.state,
             "consecutive_failures": breaker.failures,
             "last_error": breaker.last_error,
         }
-        data["pending_invalidations"] = pending
-        data["databases"] = databases
+        data["pending_invalidations"] = bound.invalidator.pending if bound is not None else 0
+        data["databases"] = bound.runtime.databases.identities() if bound is not None else []
         return data
 
 

@@ -2,8 +2,8 @@
 
 Every write is seen at the Core level (`after_execute` for INSERT/UPDATE/DELETE, whoever issued
 it: a flush, bulk DML, Core DML on an engine or connection); ORM mapper events add the primary keys
-of flushed rows. Writes are kept per connection transaction in a stack of savepoint frames. The
-moments at which they become invalidations:
+of flushed rows (`session_tracking`). Writes are kept per connection transaction in a stack of
+savepoint frames (`transaction_records`). The moments at which they become invalidations:
 
     flush end / Core DML  -> bump + lease            (Invalidator.announce)
     after COMMIT          -> bump again + release    (session after_commit; for Core connections,
@@ -24,101 +24,27 @@ from typing import Any
 
 from sqlalchemy import Table, event
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Mapper, Session
-from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.sql.ddl import ExecutableDDLElement
 from sqlalchemy.sql.dml import Delete, Insert, Update, UpdateBase
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.selectable import CompoundSelect, Select, TextualSelect
 
-from ._sqla import CACHE_OWN_SESSION
+from . import _sqla
 from .database import Database, table_name
 from .ddl import DDL_SQL, ddl_write_names
 from .errors import CacheUnavailable
 from .invalidation import Invalidator
-from .keys import UnstableValue, pk_text
-from .writes import WriteSet, cascade_targets
+from .transaction_records import ConnectionTx
+from .writes import cascade_targets
 
 logger = logging.getLogger("sqlacache")
 
 _READ_ONLY_SQL = re.compile(r"^\s*(\(\s*)*(select|show|explain|values|table)\b", re.IGNORECASE)
 
 
-class ConnectionTx:
-    """The writes of one connection's current (outermost) transaction."""
-
-    __slots__ = (
-        "announced",
-        "announcing",
-        "committed",
-        "db",
-        "flush_dml",
-        "frames",
-        "leased",
-        "owner",
-    )
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
-        self.frames: list[WriteSet] = [WriteSet()]
-        self.announced = WriteSet()
-        self.announcing: list[Any] = []  # announcements in flight: `complete` waits for them
-        self.leased: set[str] = set()  # lease keys held
-        self.flush_dml: set[str] = set()
-        self.committed = False
-        self.owner: SessionTracker | None = None
-
-    @property
-    def top(self) -> WriteSet:
-        return self.frames[-1]
-
-    def merged(self) -> WriteSet:
-        total = WriteSet()
-        for frame in self.frames:
-            total.merge(frame)
-        return total
-
-    def has_writes(self) -> bool:
-        return any(self.frames) or bool(self.leased)
-
-
-class SessionTracker:
-    """What a session's current transaction did that matters to its reads."""
-
-    __slots__ = (
-        "connections",
-        "flushing",
-        "has_sql",
-        "raw_sql",
-        "snapshot_after_write",
-        "snapshot_tx",
-        "written",
-    )
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.written: set[str] = set()
-        self.raw_sql = False
-        self.flushing = False
-        self.has_sql = False
-        #: reads see one snapshot from the transaction's first statement on
-        self.snapshot_tx = False
-        #: reads see one snapshot once the transaction has written (sqlite's legacy driver mode)
-        self.snapshot_after_write = False
-        self.connections: list[Connection] = []
-
-    @property
-    def reads_a_snapshot(self) -> bool:
-        """True once this transaction's reads may be older than the cache's current stamps."""
-        if self.snapshot_tx:
-            return self.has_sql
-        return self.snapshot_after_write and bool(self.written)
-
-
 class WriteTracker:
-    """Listens to engines, the Session class and mappers; owns the per-transaction records."""
+    """Listens to engines; owns the per-transaction records and their delivery (the ORM's events
+    reach it through `session_tracking.SessionWriteTracker`)."""
 
     def __init__(
         self,
@@ -129,7 +55,6 @@ class WriteTracker:
         self.invalidator = invalidator
         self.db_for = db_for
         self.key = key  # in session.info and connection.info: per cache, several may share one
-        self._global_listeners: list[tuple[Any, str, Callable[..., Any]]] = []
 
     # -- wiring ---------------------------------------------------------------------------------
 
@@ -151,36 +76,10 @@ class WriteTracker:
             listeners.append((name, fn))
         return listeners
 
-    def listen_globally(self) -> None:
-        for target, name, fn in (
-            (Mapper, "after_insert", self._after_insert),
-            (Mapper, "after_update", self._after_update),
-            (Mapper, "after_delete", self._after_delete),
-            (Session, "after_begin", self._session_after_begin),
-            (Session, "before_flush", self._session_before_flush),
-            (Session, "after_flush_postexec", self._session_after_flush),
-            (Session, "after_commit", self._session_after_commit),
-            (Session, "after_transaction_end", self._session_after_transaction_end),
-        ):
-            event.listen(target, name, fn)
-            self._global_listeners.append((target, name, fn))
-
-    def unlisten(self) -> None:
-        for target, name, fn in self._global_listeners:
-            if event.contains(target, name, fn):
-                event.remove(target, name, fn)
-        self._global_listeners.clear()
-
     # -- records --------------------------------------------------------------------------------
 
-    def session_tracker(self, session: Session) -> SessionTracker:
-        tracker: SessionTracker | None = session.info.get(self.key)
-        if tracker is None:
-            tracker = SessionTracker()
-            session.info[self.key] = tracker
-        return tracker
-
-    def _tx(self, connection: Connection, db: Database) -> ConnectionTx:
+    def tx_for(self, connection: Connection, db: Database) -> ConnectionTx:
+        """The record of `connection`'s current transaction, created at its first write."""
         tx: ConnectionTx | None = connection.info.get(self.key)
         if tx is None or tx.db is not db:
             tx = ConnectionTx(db)
@@ -231,10 +130,10 @@ class WriteTracker:
         target = getattr(statement, "table", None)
         if not isinstance(target, Table):
             return
-        table = target._deannotate() if target._annotations else target
-        schema_map = db.schema_map(conn._execution_options, execution_options)
+        table = _sqla.plain_table(target)
+        schema_map = db.schema_map(_sqla.bind_execution_options(conn), execution_options)
         name = table_name(table, schema_map)
-        tx = self._tx(conn, db)
+        tx = self.tx_for(conn, db)
         frame = tx.top
         frame.tables.add(name)
         flushing = tx.owner is not None and tx.owner.flushing
@@ -257,9 +156,9 @@ class WriteTracker:
             tx.owner.written.add(name)
             tx.owner.written.update(cascaded)
         if db.autocommit(conn):
-            self._complete(conn, tx)
+            self.complete(conn, tx)
         elif not flushing:
-            self._announce(tx)
+            self.announce(tx)
 
     def _record_cte_dml(
         self, conn: Connection, compiled: Any, execution_options: Mapping[str, Any]
@@ -289,7 +188,7 @@ class WriteTracker:
     ) -> None:
         """DDL changes its tables' contents without DML: a table-wide write of each."""
         try:
-            schema_map = db.schema_map(conn._execution_options, execution_options)
+            schema_map = db.schema_map(_sqla.bind_execution_options(conn), execution_options)
             names = ddl_write_names(element, text, schema_map)
         except Exception:  # never let the cache break a migration; evicting all is safe
             logger.exception("sqlacache: could not tell which tables a DDL statement changes")
@@ -298,19 +197,19 @@ class WriteTracker:
             self._record_table_wide(conn, db, names)
 
     def _record_table_wide(self, conn: Connection, db: Database, names: set[str]) -> None:
-        tx = self._tx(conn, db)
+        tx = self.tx_for(conn, db)
         frame = tx.top
         frame.tables.update(names)
         frame.table_wide.update(names)
         if tx.owner is not None:
             tx.owner.written.update(names)
         if db.autocommit(conn):
-            self._complete(conn, tx)
+            self.complete(conn, tx)
         elif not (tx.owner is not None and tx.owner.flushing):
-            self._announce(tx)
+            self.announce(tx)
 
     def _record_raw_sql(self, conn: Connection, db: Database) -> None:
-        tx = self._tx(conn, db)
+        tx = self.tx_for(conn, db)
         if tx.owner is not None:
             tx.owner.raw_sql = True
 
@@ -318,7 +217,7 @@ class WriteTracker:
         tx: ConnectionTx | None = conn.info.get(self.key)
         if tx is not None and tx.committed:
             # the previous transaction of this connection has committed by now
-            self._complete(conn, tx)
+            self.complete(conn, tx)
 
     def _on_commit(self, conn: Connection) -> None:
         tx: ConnectionTx | None = conn.info.get(self.key)
@@ -334,18 +233,17 @@ class WriteTracker:
     def _on_savepoint(self, conn: Connection, name: str) -> None:
         db = self.db_for(conn)
         if db is not None:
-            self._tx(conn, db).frames.append(WriteSet())
+            self.tx_for(conn, db).begin_savepoint()
 
     def _on_release_savepoint(self, conn: Connection, name: str, context: Any) -> None:
         tx: ConnectionTx | None = conn.info.get(self.key)
-        if tx is not None and len(tx.frames) > 1:
-            released = tx.frames.pop()
-            tx.top.merge(released)
+        if tx is not None:
+            tx.release_savepoint()
 
     def _on_rollback_savepoint(self, conn: Connection, name: str, context: Any) -> None:
         tx: ConnectionTx | None = conn.info.get(self.key)
-        if tx is not None and len(tx.frames) > 1:
-            tx.frames.pop()  # its writes are undone; its leases stay until the transaction ends
+        if tx is not None:
+            tx.rollback_savepoint()
 
     def _on_checkin(self, dbapi_connection: Any, record: Any) -> None:
         tx: ConnectionTx | None = record.info.pop(self.key, None)
@@ -356,104 +254,9 @@ class WriteTracker:
         elif tx.leased:
             self.invalidator.release(tx.db.identity, tx.leased, tx.announcing)
 
-    # -- mapper events: the rows of a flush -----------------------------------------------------
-
-    def _after_insert(self, mapper: Mapper[Any], connection: Connection, target: Any) -> None:
-        self._record_rows(mapper, connection, target)
-
-    def _after_update(self, mapper: Mapper[Any], connection: Connection, target: Any) -> None:
-        self._record_rows(mapper, connection, target)
-
-    def _after_delete(self, mapper: Mapper[Any], connection: Connection, target: Any) -> None:
-        self._record_rows(mapper, connection, target)
-
-    def _record_rows(self, mapper: Mapper[Any], connection: Connection, target: Any) -> None:
-        db = self.db_for(connection)
-        if db is None:
-            return
-        tx = self._tx(connection, db)
-        state = instance_state(target)
-        identities = []
-        raw = [tuple(mapper.primary_key_from_instance(target))]
-        if state.key is not None:
-            raw.append(tuple(state.key[1]))  # the old identity, if the pk changed
-        try:
-            identities = [pk_text(pk) for pk in raw]
-        except UnstableValue:
-            identities = []
-        schema_map = db.schema_map(connection._execution_options)
-        frame = tx.top
-        for table in mapper.tables:
-            if not isinstance(table, Table):
-                continue
-            name = table_name(table, schema_map)
-            if identities:
-                for identity in identities:
-                    frame.add_row(name, identity)
-                frame.raw_rows.setdefault(name, set()).update(raw)  # [cashews bridge]
-            else:
-                frame.table_wide.add(name)
-            if tx.owner is not None:
-                tx.owner.written.add(name)
-
-    # -- Session events -------------------------------------------------------------------------
-
-    def _session_after_begin(
-        self, session: Session, transaction: Any, connection: Connection
-    ) -> None:
-        if session.info.get(CACHE_OWN_SESSION):
-            return  # the cache's own read beside the caller's session: it writes nothing
-        db = self.db_for(connection)
-        if db is None:
-            return
-        tracker = self.session_tracker(session)
-        tracker.connections.append(connection)
-        tracker.has_sql = True
-        tracker.snapshot_tx = tracker.snapshot_tx or db.snapshot_per_transaction(connection)
-        tracker.snapshot_after_write = db.is_sqlite
-        tx = self._tx(connection, db)
-        tx.owner = tracker
-        # a session joining an outer transaction must see what that transaction already wrote
-        for frame in tx.frames:
-            tracker.written |= frame.all_tables()
-
-    def _session_before_flush(self, session: Session, flush_context: Any, instances: Any) -> None:
-        self.session_tracker(session).flushing = True
-
-    def _session_after_flush(self, session: Session, flush_context: Any) -> None:
-        tracker = session.info.get(self.key)
-        if tracker is None:
-            return
-        tracker.flushing = False
-        for connection in tracker.connections:
-            tx: ConnectionTx | None = connection.info.get(self.key)
-            if tx is None:
-                continue
-            for name in tx.flush_dml:
-                if not any(name in frame.rows for frame in tx.frames):
-                    tx.top.table_wide.add(name)  # e.g. an association table: no row identities
-            tx.flush_dml.clear()
-            self._announce(tx)
-
-    def _session_after_commit(self, session: Session) -> None:
-        tracker: SessionTracker | None = session.info.get(self.key)
-        if tracker is None:
-            return
-        tracker.flushing = False
-        for connection in tracker.connections:
-            if connection.closed or connection.in_transaction():
-                continue  # still inside an outer transaction the session did not begin
-            self._complete(connection, None)
-
-    def _session_after_transaction_end(self, session: Session, transaction: Any) -> None:
-        if transaction.parent is None:
-            tracker: SessionTracker | None = session.info.get(self.key)
-            if tracker is not None:
-                tracker.reset()
-
     # -- delivery -------------------------------------------------------------------------------
 
-    def _announce(self, tx: ConnectionTx) -> None:
+    def announce(self, tx: ConnectionTx) -> None:
         new = tx.merged().minus(tx.announced)
         acquire = self.invalidator.lease_keys(tx.db.identity, new) - tx.leased
         if not new and not acquire:
@@ -464,7 +267,7 @@ class WriteTracker:
         if in_flight is not None:
             tx.announcing.append(in_flight)
 
-    def _complete(self, conn: Connection, tx: ConnectionTx | None) -> None:
+    def complete(self, conn: Connection, tx: ConnectionTx | None) -> None:
         tx = conn.info.pop(self.key, None) if tx is None else tx
         conn.info.pop(self.key, None)
         if tx is not None:
@@ -496,15 +299,9 @@ def _text_of(element: Any) -> str:
 
 def _updated_columns(statement: Update, parameters: Any) -> set[str] | None:
     names: set[str] = set()
-    for source in (
-        getattr(statement, "_values", None),
-        getattr(statement, "_ordered_values", None),
-    ):
-        if source:
-            items = source.keys() if isinstance(source, Mapping) else (k for k, _ in source)
-            names.update(
-                getattr(k, "key", None) or getattr(k, "name", None) or str(k) for k in items
-            )
+    for source in _sqla.update_values(statement):
+        items = source.keys() if isinstance(source, Mapping) else (k for k, _ in source)
+        names.update(getattr(k, "key", None) or getattr(k, "name", None) or str(k) for k in items)
     if isinstance(parameters, Mapping):
         names.update(str(k) for k in parameters)
     return names or None

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.engine import Result
 from sqlalchemy.orm import Mapper, Session
 
+from . import _sqla
 from .errors import CacheUnavailable
 from .fill import run_frozen
 from .serialize import Snapshot
@@ -136,9 +137,9 @@ def _check(
 
 def _ordered(state: Any) -> bool:
     """Whether the statement orders its rows; without ORDER BY the database may return them in
-    any order, and a different order is not a stale result. (SQLAlchemy keeps ORDER BY in
-    `_order_by_clauses`; a statement without that attribute is treated as ordered.)"""
-    clauses = getattr(state.statement, "_order_by_clauses", None)
+    any order, and a different order is not a stale result. (A statement that cannot have an
+    ORDER BY is treated as ordered.)"""
+    clauses = _sqla.order_by_clauses(state.statement)
     return clauses is None or bool(clauses)
 
 

@@ -342,7 +342,7 @@ async def test_invalidate_of_other_rows_keeps_the_entry(cache, sessions, sql):
 
 
 def test_pks_argument_forms():
-    from sqlacache.config import pks_list
+    from sqlacache.invalidation import pks_list
 
     assert pks_list(42) == [42]
     assert pks_list("ab") == ["ab"]  # one key, not two characters
