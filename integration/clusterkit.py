@@ -335,13 +335,17 @@ class LocalCluster:
         """SIGKILL a master and (with `wait`) wait until its replica is promoted. Returns the
         replica (the new master once promoted)."""
         replica = self.replica_of(master_port)
-        node = next(n for n in self.nodes if n.port == master_port)
-        assert node.process is not None
-        node.process.send_signal(signal.SIGKILL)
-        node.process.wait(timeout=10)
+        self.kill_node(master_port)
         if wait:
             self.wait_promoted(replica, timeout)
         return replica
+
+    def kill_node(self, port: int) -> None:
+        """SIGKILL one node, whatever its role (a master's replica is not waited for here)."""
+        node = next(n for n in self.nodes if n.port == port)
+        assert node.process is not None
+        node.process.send_signal(signal.SIGKILL)
+        node.process.wait(timeout=10)
 
     def wait_promoted(self, replica: int, timeout: float = 30.0) -> int:
         self._wait_role(replica, "master", timeout)

@@ -639,11 +639,22 @@ async def _until(condition: Any, what: str, seconds: float = 15.0) -> None:
         await asyncio.sleep(0.02)
 
 
+def _master_of(cluster: LocalCluster, replica: int) -> int:
+    return next(m for m in cluster.masters() if cluster.replica_of(m) == replica)
+
+
+@pytest.mark.parametrize("role", ["master", "replica"])
 async def test_the_tier_subscribes_on_another_node_when_its_node_dies(
-    make_cache, sessions, redis_cluster
+    make_cache, sessions, redis_cluster, role
 ) -> None:
-    """The URL names one node; when it dies, the tier's subscriber moves to another node the
-    topology named (classic pub/sub reaches every node) and the tier serves locally again."""
+    """The URL names one node; when it dies (a master, then promoted over, or a replica), the
+    tier's subscriber moves to another node the topology named (classic pub/sub reaches every
+    node) and the tier serves locally again."""
+    url_node = redis_cluster.ports[0]
+    is_master = url_node in redis_cluster.masters()
+    if is_master != (role == "master"):  # give the URL's node the role under test
+        master = url_node if is_master else _master_of(redis_cluster, url_node)
+        await asyncio.to_thread(redis_cluster.failover, master)
     reader = await make_cache(local=True)
     await seed(sessions, 3)
     tier = reader._bound.local_tier
@@ -661,9 +672,10 @@ async def test_the_tier_subscribes_on_another_node_when_its_node_dies(
     expected = "1:0"
     await _until(fresh, "the tier's subscriber never went live on the cluster")
     await _until(served_locally, "never served locally")
-    url_node = redis_cluster.ports[0]
-    assert url_node in redis_cluster.masters()
-    await asyncio.to_thread(redis_cluster.kill_master, url_node)
+    if role == "master":
+        await asyncio.to_thread(redis_cluster.kill_master, url_node)
+    else:
+        await asyncio.to_thread(redis_cluster.kill_node, url_node)
     try:
         await _until(fresh, "the subscriber stayed on the dead node", 30.0)
         async with sessions() as s:
