@@ -304,15 +304,21 @@ class LocalCluster:
                     return int(row["port"])
         raise ClusterUnavailable(f"no master serves slot {slot}")
 
-    def replica_of(self, master_port: int) -> int:
-        rows = self.cluster_nodes()
-        master_id = next(r["id"] for r in rows if int(r["port"]) == master_port)
-        live = self.running_ports()
-        for row in rows:
-            replica = row["role"] == "replica" and row["master"] == master_id
-            if replica and not row["failed"] and int(row["port"]) in live:
-                return int(row["port"])
-        raise ClusterUnavailable(f"master {master_port} has no live replica")
+    def replica_of(self, master_port: int, timeout: float = 10.0) -> int:
+        """The master's live replica; waits (up to `timeout`) for one that an earlier fault left
+        flagged as failing to be seen healthy again."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = self.cluster_nodes()
+            master_id = next(r["id"] for r in rows if int(r["port"]) == master_port)
+            live = self.running_ports()
+            for row in rows:
+                replica = row["role"] == "replica" and row["master"] == master_id
+                if replica and not row["failed"] and int(row["port"]) in live:
+                    return int(row["port"])
+            if time.monotonic() > deadline:
+                raise ClusterUnavailable(f"master {master_port} has no live replica")
+            time.sleep(0.05)
 
     def masters(self) -> list[int]:
         return sorted(

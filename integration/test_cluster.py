@@ -640,7 +640,9 @@ async def _until(condition: Any, what: str, seconds: float = 15.0) -> None:
 
 
 def _master_of(cluster: LocalCluster, replica: int) -> int:
-    return next(m for m in cluster.masters() if cluster.replica_of(m) == replica)
+    rows = cluster.cluster_nodes()
+    master_id = next(r["master"] for r in rows if int(r["port"]) == replica)
+    return next(int(r["port"]) for r in rows if r["id"] == master_id)
 
 
 @pytest.mark.parametrize("role", ["master", "replica"])
