@@ -579,6 +579,28 @@ async def test_a_dead_entry_master_costs_its_entries_not_the_invalidations(
         await asyncio.to_thread(redis_cluster.restart_node, victim)
 
 
+async def _until_silent(port: int) -> None:
+    """Until the node's DEBUG SLEEP has begun: a PING gets no answer within 50 ms."""
+    import redis.asyncio as aioredis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    # no retries: a retry reconnects, and its handshake would wait the sleep out
+    client = aioredis.Redis(
+        host="127.0.0.1", port=port, socket_timeout=0.05, retry=Retry(NoBackoff(), 0)
+    )
+    try:
+        for _ in range(200):
+            try:
+                await client.ping()
+            except Exception:  # the timeout: it is asleep
+                return
+            await asyncio.sleep(0.01)  # polling a state, not waiting for one
+        raise AssertionError(f"node {port} never went silent")
+    finally:
+        await client.aclose()
+
+
 async def test_a_bump_no_replica_acknowledged_is_reported_undelivered(redis_cluster) -> None:
     """Redis replicates asynchronously: a bump only its master holds would be lost if that
     master failed now. It is acknowledged once a replica has it (WAIT), else it raises, and
@@ -593,7 +615,7 @@ async def test_a_bump_no_replica_acknowledged_is_reported_undelivered(redis_clus
         await store.bump_async(Bump(persistent=[key]), b"t1", 1000, 1000)
         replica = redis_cluster.replica_of(redis_cluster.master_of_slot(redis_cluster.keyslot(key)))
         silent = asyncio.ensure_future(asyncio.to_thread(redis_cluster.silence, replica, 0.8))
-        await asyncio.sleep(0.2)
+        await _until_silent(replica)
         with pytest.raises(ReplicationShortfall):
             await store.bump_async(Bump(persistent=[key]), b"t2", 1000, 1000)
         await silent
