@@ -12,7 +12,7 @@ from typing import Any
 from .._greenlet import await_, in_greenlet
 from ..redis_errors import require_cluster_mode
 from .cluster_nodes import ClusterNodes, joined, plain_options, run_id
-from .redis import WARM_CONNECTIONS
+from .redis import WARM_CONNECTIONS, delete_matching_async
 from .resp import glob_escape
 
 
@@ -56,7 +56,7 @@ class ClusterHealth(ClusterNodes):
         """SCAN every master (entries are spread over all of them) and unlink what matches."""
         match = glob_escape(pattern_prefix) + "*"
         if in_greenlet():
-            return await_(self._full(lambda c: _delete_matching_async(c, match)))
+            return await_(self._full(lambda c: delete_matching_async(c, match)))
         client = self._sync_client()
         deleted = 0
         for key in list(client.scan_iter(match=match, count=1000)):
@@ -189,19 +189,6 @@ class ClusterHealth(ClusterNodes):
         for loop, state in self._loops.take_all():  # another loop's state goes with its loop
             if loop is current:
                 await state.aclose()
-
-
-async def _delete_matching_async(client: Any, match: str) -> int:
-    deleted = 0
-    batch: list[bytes] = []
-    async for key in client.scan_iter(match=match, count=1000):
-        batch.append(key)
-        if len(batch) >= 500:
-            deleted += await client.unlink(*batch)
-            batch.clear()
-    if batch:
-        deleted += await client.unlink(*batch)
-    return int(deleted)
 
 
 async def _count_matching_async(client: Any, match: str) -> int:

@@ -337,7 +337,7 @@ class RedisStore:
     def delete_entries(self, pattern_prefix: str) -> int:
         match = glob_escape(pattern_prefix) + "*"
         if in_greenlet():
-            return await_(self._delete_matching_async(match))
+            return await_(delete_matching_async(self.client, match))
         client = self._sync_client()
         deleted = 0
         batch: list[bytes] = []
@@ -348,19 +348,6 @@ class RedisStore:
                 batch.clear()
         if batch:
             deleted += client.unlink(*batch)
-        return deleted
-
-    async def _delete_matching_async(self, match: str) -> int:
-        client = self.client
-        deleted = 0
-        batch: list[bytes] = []
-        async for key in client.scan_iter(match=match, count=1000):
-            batch.append(key)
-            if len(batch) >= 500:
-                deleted += await client.unlink(*batch)
-                batch.clear()
-        if batch:
-            deleted += await client.unlink(*batch)
         return deleted
 
     def count_keys(self, pattern_prefix: str) -> int:
@@ -466,3 +453,18 @@ def bump_arguments(
         lease_ttl_ms,
     ]
     return keys, args
+
+
+async def delete_matching_async(client: Any, match: str) -> int:
+    """SCAN for `match` and UNLINK what it finds, 500 keys a call (a redis-py asyncio client, a
+    single server's or a cluster's: the cluster client scans every master)."""
+    deleted = 0
+    batch: list[bytes] = []
+    async for key in client.scan_iter(match=match, count=1000):
+        batch.append(key)
+        if len(batch) >= 500:
+            deleted += await client.unlink(*batch)
+            batch.clear()
+    if batch:
+        deleted += await client.unlink(*batch)
+    return int(deleted)
