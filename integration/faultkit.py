@@ -1,4 +1,4 @@
-"""Fault injection for the integration tests of SPEC §4 (F1-F4), against real processes.
+"""Fault injection for the "never down" integration tests, against real processes.
 
 - `RedisServer` / `redis_server()`: a private `redis-server` on a free loopback port, which a test can
   SIGKILL and restart on the same port; always killed at the end.

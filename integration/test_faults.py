@@ -1,4 +1,4 @@
-"""SPEC §4 "never down" (F1-F4) against real processes: PostgreSQL, private redis-servers that get
+""""Never down": every failure rule against real processes: PostgreSQL, private redis-servers that get
 killed, and a TCP proxy that cuts or blackholes the cache's connection (see faultkit.py).
 
 Hits are proven by counting SQL statements (`before_cursor_execute`), never by timing; only the

@@ -1,4 +1,4 @@
-"""The fill race (SPEC C6) across two OS processes sharing Redis."""
+"""The fill race (a read racing a commit never stores a stale entry) across two OS processes sharing Redis."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The randomized differential test of SPEC §3 "Verification": the machinery.
+"""The randomized differential test of the whole contract: the machinery.
 
 A seeded random sequence of operations runs against one database twice over: every read goes
 through the cache (sessions on the engine the cache is bound to) and again uncached (a session on

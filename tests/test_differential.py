@@ -1,4 +1,4 @@
-"""SPEC §3 "Verification": a randomized differential test of the whole contract.
+"""A randomized differential test of the whole contract.
 
 A seeded random sequence of ORM, bulk and Core writes (with rollbacks, savepoints, database
 cascades and concurrent readers) runs with the cache on; every cached read is compared with the

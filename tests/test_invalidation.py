@@ -1,4 +1,5 @@
-"""Every commit evicts exactly what it made stale (SPEC C2 membership, C3 every table read, C4).
+"""Every commit evicts exactly what it made stale: rows entering or leaving a result, every table
+a read touches, cascades.
 
 Each test caches a read, writes, and compares the next read with the database's truth.
 """

@@ -1,4 +1,4 @@
-"""Isolation (SPEC C7, S2): prefixes, databases, schemas and key contexts never share entries."""
+"""Isolation: prefixes, databases, schemas and key contexts never share entries."""
 
 from __future__ import annotations
 

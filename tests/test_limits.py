@@ -1,4 +1,4 @@
-"""Stampedes (SPEC F5) and size limits (SPEC S4)."""
+"""Stampedes (one query for many identical cold reads) and size limits."""
 
 from __future__ import annotations
 

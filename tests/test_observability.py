@@ -1,4 +1,4 @@
-"""Observability (SPEC §6): stats, hooks that never break requests, logs, metric exporters."""
+"""Observability: stats, hooks that never break requests, logs, metric exporters."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The fill race (SPEC C6), forced deterministically.
+"""The fill race (a read racing a commit never stores a stale entry), forced deterministically.
 
 A reader misses, runs its query, and is paused between reading the database and storing its
 result while a writer commits. The entry it then stores must never be served.

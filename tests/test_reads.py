@@ -227,7 +227,7 @@ async def test_manual_invalidation_after_raw_sql(cache, sessions, sql):
     async with sessions() as s:
         await s.execute(text("UPDATE users SET name = 'raw' WHERE id = 1"))
         await s.commit()
-    # raw SQL is not parsed (SPEC C8): the user says what changed
+    # raw SQL is not parsed: the user says what changed
     await cache.invalidate(User, pks=[1])
     assert await get_name(sessions, 1) == "raw"
     assert (await fetch_names(sessions, stmt))[0] == "raw"

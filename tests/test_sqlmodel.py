@@ -1,4 +1,4 @@
-"""SQLModel works unchanged: `AsyncSession.exec(select(...))` and `get` are cached (SPEC §7)."""
+"""SQLModel works unchanged: `AsyncSession.exec(select(...))` and `get` are cached."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The synchronous API (SPEC §7): a sync `Session` on a sync `Engine`, same config and guarantees."""
+"""The synchronous API: a sync `Session` on a sync `Engine`, same config and guarantees."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Transactions (SPEC C5) and the bypass rules of SPEC §2.
+"""Transactions, and the rules for when a read bypasses the cache.
 
 Nothing uncommitted is cached or served to another session; a transaction sees its own writes;
 rollbacks (savepoints included) discard only their own part; a hit never overwrites a pending edit.
@@ -191,7 +191,7 @@ async def test_session_joined_to_an_outer_transaction(cache, users, engine, sess
     assert await name_of(sessions, 1) == "outer"
 
 
-# -- §2 bypasses ---------------------------------------------------------------------------------
+# -- bypasses -----------------------------------------------------------------------------------
 
 
 async def test_with_for_update_always_reads_the_database(cache, users, sessions, sql):
